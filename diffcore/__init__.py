@@ -1,0 +1,72 @@
+"""diffcore: a plugin-based trainer for image diffusion models.
+
+The public API a plugin may use: the hook markers, the registration records, the errors, and the
+loaders below. Importing this package is cheap (no torch); heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from diffcore.errors import ConfigError, DiffcoreError, PluginError, Problem, TrainingError, UserError
+from diffcore.hookspecs import hookimpl, hookspec
+from diffcore.records import (
+    AdapterSpec,
+    AutoencoderSpec,
+    CallbackSpec,
+    ComponentSpec,
+    DatasetSpec,
+    MethodSpec,
+    ModelSpec,
+    OptimizerSpec,
+    SchedulerSpec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "AutoencoderSpec",
+    "CallbackSpec",
+    "ComponentSpec",
+    "ConfigError",
+    "DatasetSpec",
+    "DiffcoreError",
+    "MethodSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "PluginError",
+    "Problem",
+    "SchedulerSpec",
+    "TrainingError",
+    "UserError",
+    "__version__",
+    "build_component",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "load_autoencoder",
+    "load_model",
+    "load_scheduler",
+]
+
+if TYPE_CHECKING:
+    from diffcore.api import build_component, load_autoencoder, load_model, load_scheduler
+    from diffcore.registry import get_registry
+
+_LAZY = {
+    "load_model": "diffcore.api",
+    "load_autoencoder": "diffcore.api",
+    "load_scheduler": "diffcore.api",
+    "build_component": "diffcore.api",
+    "get_registry": "diffcore.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffcore' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
