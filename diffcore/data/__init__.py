@@ -1,0 +1,1 @@
+"""Data: datasets, transforms, bucketing, batching and caches."""
