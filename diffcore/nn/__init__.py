@@ -10,14 +10,17 @@ from diffcore.nn.checkpointing import checkpointed
 from diffcore.nn.embeddings import TimestepMLP, timestep_embedding
 from diffcore.nn.modulation import modulate
 from diffcore.nn.norms import RMSNorm
+from diffcore.nn.rope import apply_rope, rope_frequencies
 
 __all__ = [
     "RMSNorm",
     "TimestepMLP",
+    "apply_rope",
     "attention",
     "checkpointed",
     "merge_heads",
     "modulate",
+    "rope_frequencies",
     "split_heads",
     "timestep_embedding",
 ]
