@@ -115,7 +115,7 @@ class Dataset(Protocol):
     ``__getitem__(i)`` returns a dict: ``pixels`` (CHW float in [-1, 1]) or ``latents``, and any of
     ``captions`` (str), ``labels`` (int), ``mask``, ``control``, ``reference``. Optional:
     ``bucket(i) -> hashable``: examples of one batch share a bucket (same shapes);
-    ``set_epoch(epoch)`` for per-epoch augmentation seeds; ``class_names: list[str]``.
+    indices arrive as ``diffcore.data.sampler.EpochIndex`` (an int with ``.epoch``) so random augmentations can be seeded from (seed, epoch, index); ``class_names: list[str]``.
     """
 
     def __len__(self) -> int: ...

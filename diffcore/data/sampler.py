@@ -92,7 +92,7 @@ class BucketBatchSampler:
             epoch, offset = divmod(position, self.batches_per_epoch)
             batches = self.epoch_batches(epoch)
             for global_batch in batches[offset:]:
-                yield self.local(global_batch)
+                yield [EpochIndex(i, epoch) for i in self.local(global_batch)]
             position = (epoch + 1) * self.batches_per_epoch
 
     def __len__(self) -> int:
@@ -108,6 +108,24 @@ class BucketBatchSampler:
                 f"examples, this run has {self.global_batch} (batch_size x processes)"
             )
         self.position = int(state["position"])
+
+
+class EpochIndex(int):
+    """An example index that also says which epoch asked for it.
+
+    Datasets whose augmentations are random read ``getattr(index, "epoch", 0)`` to seed them from
+    (seed, epoch, index); the value survives the trip to DataLoader worker processes.
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int = 0) -> EpochIndex:
+        obj = super().__new__(cls, index)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):
+        return (EpochIndex, (int(self), self.epoch))
 
 
 def hash_seed(*parts: int) -> int:
