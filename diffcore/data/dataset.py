@@ -1,0 +1,240 @@
+"""The map-style image dataset behind "folder" and "metadata": checks, buckets and transforms."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from diffcore.data.buckets import Bucket, Placement, bucket_grid, place
+from diffcore.data.config import ImageOptions
+from diffcore.data.images import BadImage, fit, load, probe
+from diffcore.data.sources import Listing, Record
+from diffcore.data.transforms import Draw, draw
+from diffcore.errors import UserError
+
+log = logging.getLogger("diffcore.data")
+
+#: how many problem paths a report names
+SHOWN = 5
+
+
+@attrs.frozen
+class DataProblem:
+    """One example left out: its file and why."""
+
+    path: str
+    reason: str
+
+
+def report(problems: list[DataProblem], total: int, where: str) -> str:
+    """One message: how many were skipped, the first few paths and why."""
+    shown = "; ".join(f"{p.path}: {p.reason}" for p in problems[:SHOWN])
+    more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    return f"{where}: skipped {len(problems)} of {total} examples ({shown}{more})"
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 HWC (or HW) -> float CHW in [-1, 1] (or 1HW in [0, 1] for masks)."""
+    tensor = torch.from_numpy(array)
+    if tensor.ndim == 2:
+        return tensor.unsqueeze(0).float().div_(255.0)
+    return tensor.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ImageDataset:
+    """Examples listed by a source, checked at construction, bucketed and transformed on load.
+
+    ``problems`` lists what was left out (or, with ``on_bad_data: error``, construction raises a
+    :class:`UserError` naming the first bad file). An image that passes the start-up check but fails
+    to decode later is, under "skip", replaced by another example of its bucket and reported once.
+    """
+
+    def __init__(self, listing: Listing, options: ImageOptions, *, where: str = "$.data"):
+        self.options = options
+        self.where = where
+        self.class_names = listing.class_names
+        self.cache_dir = options.cache_dir
+        self.epoch = 0
+        step = options.bucket_step
+        res = options.resolution
+        if step < 8 or res < step:
+            raise UserError(f"resolution {res} and bucket_step {step} do not make a bucket", where=where)
+        self.min_side = options.min_side or max(step, res // 2)
+        self.max_side = options.max_side or res * 2
+        if options.buckets:
+            self.buckets = bucket_grid(res, step, self.min_side, self.max_side)
+        else:
+            self.buckets = [(res, res)]
+        problems = [DataProblem(path, why) for path, why in listing.problems]
+        checked = self._scan(listing.records)
+        self.records: list[Record] = []
+        self.placements: list[Placement] = []
+        for record, result in zip(listing.records, checked):
+            if isinstance(result, DataProblem):
+                problems.append(result)
+            else:
+                self.records.append(record)
+                self.placements.append(result)
+        self.problems: list[DataProblem] = problems
+        total = len(listing.records) + len(listing.problems)
+        if problems and options.on_bad_data == "error":
+            first = problems[0]
+            others = f" ({len(problems) - 1} other bad examples)" if len(problems) > 1 else ""
+            raise UserError(
+                f"bad example: {first.reason}{others}",
+                where=first.path,
+                hint=f"fix or remove it, or set {where}.on_bad_data: skip",
+            )
+        if problems:
+            log.warning(report(problems, total, where))
+        if not self.records:
+            raise UserError(
+                f"no usable examples (of {total})", where=where, hint="check the path and the files"
+            )
+        self.fields = self._fields()
+        self._by_bucket: dict[Bucket, list[int]] = {}
+        for i, p in enumerate(self.placements):
+            self._by_bucket.setdefault(p.bucket, []).append(i)
+        self._reported: set[str] = set()
+
+    # -- checks at start -------------------------------------------------------------------------
+    def _scan(self, records: list[Record]) -> list[Placement | DataProblem]:
+        workers = max(1, min(self.options.scan_workers, len(records)))
+        if workers == 1:
+            return [self._check(r) for r in records]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(self._check, records))
+
+    def _check(self, record: Record) -> Placement | DataProblem:
+        decode = self.options.scan == "decode"
+        try:
+            height, width = probe(record.image, decode=decode)
+            for extra in (record.mask, record.control, record.reference):
+                if extra is not None:
+                    probe(extra, decode=decode)
+        except BadImage as exc:
+            return DataProblem(str(record.image), str(exc))
+        opts = self.options
+        placement = place(
+            height,
+            width,
+            self.buckets,
+            step=opts.bucket_step,
+            min_side=self.min_side if opts.buckets else opts.resolution,
+            budget=opts.resolution**2,
+            allow_upscale=opts.allow_upscale,
+        )
+        if isinstance(placement, str):
+            return DataProblem(str(record.image), placement)
+        return placement
+
+    def _fields(self) -> set[str]:
+        fields = {"pixels"}
+        if any(r.caption is not None for r in self.records):
+            fields.add("captions")
+        if all(r.label is not None for r in self.records):
+            fields.add("labels")
+        for name in ("mask", "control", "reference"):
+            if any(getattr(r, name) is not None for r in self.records):
+                fields.add(name)
+        for name in ("control", "reference"):
+            missing = [r for r in self.records if name in fields and getattr(r, name) is None]
+            if missing:
+                raise UserError(
+                    f"{len(missing)} examples have no {name} image while others do (first: {missing[0].origin or missing[0].image})",
+                    where=self.where,
+                )
+        return fields
+
+    # -- the Dataset protocol --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def bucket(self, index: int) -> Bucket:
+        return self.placements[index].bucket
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resolve(self, index: int) -> tuple[ImageDataset, int, int]:
+        """(the dataset that holds the example, its index there, the key its random draws use)."""
+        return self, index, index
+
+    def draw(self, index: int, key: int | None = None) -> Draw:
+        """This epoch's random choices for example ``index`` (drawn with ``key``, default ``index``)."""
+        opts = self.options
+        return draw(
+            opts.seed,
+            self.epoch,
+            index if key is None else key,
+            slack=self.placements[index].slack,
+            random_crop=opts.crop == "random",
+            flip=opts.flip,
+            caption=self.records[index].caption if "captions" in self.fields else None,
+            caption_dropout=opts.caption_dropout,
+            tags=opts.shuffle_tags,
+            keep_tags=opts.keep_tags,
+        )
+
+    def render(self, index: int, choice: Draw, *, pixels: bool = True) -> dict[str, Any]:
+        """Example ``index`` under ``choice``; ``pixels=False`` leaves out the main image (cached)."""
+        record, placement = self.records[index], self.placements[index]
+        geometry = (placement.resized, choice.top, choice.left, placement.bucket, choice.flip)
+        out: dict[str, Any] = {}
+        if pixels:
+            out["pixels"] = to_tensor(fit(load(record.image, "RGB"), *geometry))
+        if "captions" in self.fields:
+            out["captions"] = choice.caption or ""
+        if "labels" in self.fields:
+            out["labels"] = int(record.label)
+        if "mask" in self.fields:
+            if record.mask is None:
+                out["mask"] = torch.ones(1, *placement.bucket)
+            else:
+                out["mask"] = to_tensor(fit(load(record.mask, "L"), *geometry))
+        for name in ("control", "reference"):
+            if name in self.fields:
+                out[name] = to_tensor(fit(load(getattr(record, name), "RGB"), *geometry))
+        return out
+
+    def example(self, index: int, key: int | None = None, *, pixels: bool = True) -> dict[str, Any]:
+        """Example ``index`` drawn with ``key``; a file that fails to load is handled per on_bad_data."""
+        order = self._by_bucket[self.placements[index].bucket]
+        start = order.index(index)
+        for step in range(len(order)):
+            candidate = order[(start + step) % len(order)]
+            try:
+                return self.render(
+                    candidate, self.draw(candidate, key if key is not None else index), pixels=pixels
+                )
+            except BadImage as exc:
+                self._failed(candidate, str(exc))
+        raise UserError(
+            f"no example of bucket {self.placements[index].bucket} could be loaded", where=self.where
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.example(index)
+
+    def _failed(self, index: int, reason: str) -> None:
+        path = str(self.records[index].image)
+        if self.options.on_bad_data == "error":
+            raise UserError(
+                f"cannot load image: {reason}",
+                where=path,
+                hint=f"fix or remove it, or set {self.where}.on_bad_data: skip",
+            )
+        if path not in self._reported:
+            self._reported.add(path)
+            self.problems.append(DataProblem(path, reason))
+            log.warning(
+                "%s: skipped %s at load time (%s); using another example of its bucket",
+                self.where,
+                path,
+                reason,
+            )
