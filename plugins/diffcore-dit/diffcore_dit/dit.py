@@ -1,0 +1,128 @@
+"""The DiT as diffcore's model protocol: conditioning, prediction, export and saving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from diffcore.errors import UserError
+from diffcore.model import DiffusionModel
+from diffcore.weights import save_safetensors
+from diffcore_dit.config import DiTArch
+from diffcore_dit.convert import diffusers_module_name, original_key, to_diffusers, to_original
+from diffcore_dit.model import DiT
+
+#: safetensors metadata key holding the architecture of an original-layout file diffcore wrote
+ARCH_METADATA = "diffcore.dit.arch"
+
+
+class DiTModel(DiffusionModel):
+    """A class-conditional DiT; ``null_label`` (= num_classes) is the unconditional class."""
+
+    adapter_targets = [r"blocks\.\d+\.attn\.(qkv|proj)$", r"blocks\.\d+\.mlp\.fc[12]$"]
+
+    def __init__(self, backbone: DiT, *, prediction_type: str = "eps", autoencoder: Any = None):
+        super().__init__(backbone, autoencoder=autoencoder, latent_channels=backbone.arch.in_channels)
+        self.prediction_type = prediction_type
+        self.null_label = backbone.arch.num_classes
+
+    @property
+    def arch(self) -> DiTArch:
+        return self.backbone.arch
+
+    @property
+    def default_scheduler(self) -> dict[str, Any]:
+        if self.prediction_type == "flow":
+            return {"type": "flow"}
+        # the schedule DiT was trained with
+        return {"type": "ddpm", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+
+    def encode_conditions(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        labels = batch.get("labels")
+        if labels is None:
+            raise UserError(
+                "the DiT is class-conditional but the batch has no labels",
+                where="$.data",
+                hint="use a dataset that yields labels (e.g. type: synthetic)",
+            )
+        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device).reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
+            raise UserError(
+                f"class labels must lie in [0, {self.null_label}] ({self.null_label} = no class), "
+                f"got {int(labels.min())}..{int(labels.max())}",
+                where="$.model.num_classes",
+                hint="set num_classes to the dataset's number of classes",
+            )
+        return labels
+
+    def predict(
+        self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra: Any
+    ) -> torch.Tensor:
+        x = noisy_latents.to(self.dtype)
+        t = torch.as_tensor(t, device=x.device).float()
+        if self.prediction_type == "flow":
+            t = t * 1000  # sigma in [0, 1] onto the [0, 1000) range the timestep sinusoid is built for
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.backbone(x, t, cond)
+        # the learned-variance half is not a prediction of prediction_type
+        return out[:, : self.arch.in_channels] if self.arch.learn_sigma else out
+
+    # -- weights ---------------------------------------------------------------------------------
+    def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
+        """The backbone's weights in the ``"diffusers"`` or ``"original"`` (facebookresearch/DiT) layout."""
+        state = {k: v.detach() for k, v in self.backbone.state_dict().items()}
+        if layout == "diffusers":
+            return to_diffusers(state, self.arch.depth)
+        if layout == "original":
+            grid = self.backbone.grid
+            return to_original(state, self.backbone.positions(grid, grid, self.backbone.pos_embed).float())
+        raise UserError(f"unknown checkpoint layout {layout!r}", hint='use "diffusers" or "original"')
+
+    def diffusers_config(self) -> dict[str, Any]:
+        a = self.arch
+        return {
+            "_class_name": "DiTTransformer2DModel",
+            "num_attention_heads": a.num_heads,
+            "attention_head_dim": a.hidden_size // a.num_heads,
+            "in_channels": a.in_channels,
+            "out_channels": a.out_channels,
+            "num_layers": a.depth,
+            "dropout": 0.0,
+            "norm_num_groups": 32,
+            "attention_bias": True,
+            "sample_size": a.input_size,
+            "patch_size": a.patch_size,
+            "activation_fn": "gelu-approximate",
+            "num_embeds_ada_norm": a.num_classes,
+            "upcast_attention": False,
+            "norm_type": "ada_norm_zero",
+            "norm_elementwise_affine": False,
+            "norm_eps": a.norm_eps,
+        }
+
+    def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
+        """Write the backbone as a diffusers folder (config.json + diffusion_pytorch_model.safetensors)
+        or, with ``layout="original"``, one original-layout .safetensors file (``path`` itself when it
+        ends in .safetensors, else ``path/model.safetensors``). Returns what was written."""
+        path = Path(path)
+        tensors = self.export_state_dict(layout)
+        if layout == "diffusers":
+            path.mkdir(parents=True, exist_ok=True)
+            save_safetensors(tensors, path / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+            (path / "config.json").write_text(json.dumps(self.diffusers_config(), indent=2) + "\n")
+            return path
+        file = path if path.suffix == ".safetensors" else path / "model.safetensors"
+        arch = json.dumps(attrs.asdict(self.arch))
+        save_safetensors(tensors, file, {"format": "pt", ARCH_METADATA: arch})
+        return file
+
+    def adapter_key(self, module_path: str, fmt: str) -> str | None:
+        if fmt == "kohya":  # over the original DiT names, as kohya-style files name the original modules
+            return "lora_unet_" + original_key(module_path).replace(".", "_")
+        return diffusers_module_name(module_path)
