@@ -2,6 +2,45 @@
 
 from __future__ import annotations
 
+import attrs
+
+from diffcore.records import OptimizerSpec
+
+
+@attrs.define(kw_only=True)
+class AdamWConfig:
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    #: torch's fused/foreach kernels; None lets torch choose
+    fused: bool | None = None
+
+
+@attrs.define(kw_only=True)
+class SGDConfig:
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+def _adamw(params, config: AdamWConfig, lr: float):
+    import torch
+
+    return torch.optim.AdamW(
+        params, lr=lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay, fused=config.fused
+    )
+
+
+def _sgd(params, config: SGDConfig, lr: float):
+    import torch
+
+    return torch.optim.SGD(
+        params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
+
 
 def records() -> list:
-    return []
+    return [
+        OptimizerSpec(name="adamw", config=AdamWConfig, factory=_adamw, description="torch AdamW"),
+        OptimizerSpec(name="sgd", config=SGDConfig, factory=_sgd, description="torch SGD (with momentum)"),
+    ]

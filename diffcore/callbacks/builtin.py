@@ -1,0 +1,241 @@
+"""The kernel's callbacks: checkpoints, metrics.jsonl, progress bar, TensorBoard, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffcore.callbacks.base import Callback
+
+
+class CheckpointCallback(Callback):
+    def __init__(self, config: Any):
+        self.config = config
+        self._saved_at: int | None = None
+
+    def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
+        every = ctx.job.train.checkpoint_every
+        if every and ctx.step % every == 0:
+            self._save(ctx)
+
+    def on_train_end(self, ctx: Any) -> None:
+        if self._saved_at != ctx.step and (ctx.last_checkpoint is None or ctx.last_checkpoint.name != f"step-{ctx.step}"):
+            self._save(ctx)
+
+    def _save(self, ctx: Any) -> None:
+        from diffcore.training.checkpoint import save_checkpoint
+
+        path = save_checkpoint(ctx)
+        self._saved_at = ctx.step
+        for cb in getattr(ctx, "callbacks", []) or []:
+            if cb is not self:
+                cb.on_checkpoint(ctx, path)
+
+
+class MetricsCallback(Callback):
+    def __init__(self, config: Any):
+        self.file = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        if ctx.is_main:
+            self.file = open(ctx.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
+        if self.file is not None and logs is not None:
+            self.file.write(json.dumps(logs) + "\n")
+            self.file.flush()
+
+    def on_train_end(self, ctx: Any) -> None:
+        self._close()
+
+    def on_exception(self, ctx: Any, exc: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class ProgressCallback(Callback):
+    def __init__(self, config: Any):
+        self.enabled = config.enabled
+        self.bar = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        if self.enabled and ctx.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=ctx.total_steps, initial=ctx.step, desc=ctx.job.name, unit="step", dynamic_ncols=True, mininterval=0.5
+            )
+
+    def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(ctx.step - self.bar.n)
+        if logs is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+
+    def on_train_end(self, ctx: Any) -> None:
+        self._close()
+
+    def on_exception(self, ctx: Any, exc: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TensorBoardCallback(Callback):
+    def __init__(self, config: Any):
+        self.config = config
+        self.writer = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        if not ctx.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.writer = SummaryWriter(self.config.log_dir or str(ctx.output_dir / "tensorboard"))
+
+    def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
+        if self.writer is None or logs is None:
+            return
+        for key, value in logs.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, logs["step"])
+
+    def on_train_end(self, ctx: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _sample_batch(config: Any) -> dict[str, Any]:
+    import torch
+
+    batch: dict[str, Any] = {}
+    if config.prompts:
+        batch["captions"] = [p for p in config.prompts for _ in range(config.count)]
+    if config.labels:
+        batch["labels"] = torch.tensor([lab for lab in config.labels for _ in range(config.count)])
+    return batch
+
+
+class SampleCallback(Callback):
+    """Writes ``samples/step-<N>/*.png`` with :func:`diffcore.sampling.generate`."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
+        if self.config.every and ctx.step % self.config.every == 0:
+            self.render(ctx)
+
+    def on_train_end(self, ctx: Any) -> None:
+        if self.config.at_end and not (self.config.every and ctx.step % self.config.every == 0):
+            self.render(ctx)
+
+    def render(self, ctx: Any) -> Path | None:
+        from diffcore.images import save_images
+        from diffcore.sampling import generate
+
+        batch = _sample_batch(self.config)
+        if not batch:
+            return None
+        size = _default_size(ctx)
+        pixels = _eval_generate(
+            ctx,
+            generate,
+            batch=batch,
+            height=self.config.height or size,
+            width=self.config.width or size,
+            steps=self.config.steps,
+            sampler=self.config.sampler,
+            guidance=self.config.guidance,
+            seed=self.config.seed,
+        )
+        folder = ctx.output_dir / "samples" / f"step-{ctx.step}"
+        if ctx.is_main:
+            save_images(pixels, folder)
+        return folder
+
+
+def _default_size(ctx: Any) -> int:
+    res = getattr(ctx.job.data.config, "resolution", None)
+    return int(res) if isinstance(res, int) else 512
+
+
+def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
+    """Generate with the training model in eval mode, under the weights ZeRO-3 may have partitioned."""
+    import contextlib
+
+    import torch
+
+    backbone = ctx.model.backbone
+    was_training = backbone.training
+    backbone.eval()
+    gather = contextlib.nullcontext()
+    if ctx.job.train.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None)
+    try:
+        with gather, torch.no_grad():
+            return generate(ctx.model, ctx.scheduler, **kwargs)
+    finally:
+        backbone.train(was_training)
+
+
+class ClassAgreementCallback(Callback):
+    """The quickstart's quality figure (synthetic data): class agreement of generated samples."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.result: dict[str, Any] | None = None
+
+    def on_train_end(self, ctx: Any) -> None:
+        import torch
+
+        from diffcore.data.synthetic import classify
+        from diffcore.images import save_images
+        from diffcore.sampling import generate
+
+        names = list(getattr(ctx.dataset, "class_names", []))
+        if not names:
+            return
+        n = self.config.per_class
+        labels = torch.arange(len(names)).repeat_interleave(n)
+        size = _default_size(ctx)
+        pixels = _eval_generate(
+            ctx,
+            generate,
+            batch={"labels": labels},
+            height=size,
+            width=size,
+            steps=self.config.steps,
+            sampler=self.config.sampler,
+            guidance=self.config.guidance,
+            seed=self.config.seed,
+        )
+        measured = classify(pixels.float().cpu())
+        agree = (measured == labels).float()
+        per_class = {name: float(agree[i * n : (i + 1) * n].mean()) for i, name in enumerate(names)}
+        score = float(agree.mean())
+        self.result = {"class_agreement": score, "per_class": per_class, "samples": int(labels.numel())}
+        if ctx.is_main:
+            folder = ctx.output_dir / "samples" / "final"
+            for i, name in enumerate(names):
+                save_images(pixels[i * n : (i + 1) * n], folder, prefix=name, grid_name=f"grid-{name}.png")
+            (ctx.output_dir / "quality.json").write_text(json.dumps(self.result, indent=2))
+            print(
+                f"quality: class agreement {score:.3f} over {labels.numel()} samples "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in per_class.items())})",
+                flush=True,
+            )

@@ -1,0 +1,1 @@
+"""Job configuration: the attrs schema, YAML loading with ``_base_`` and ``--set`` overrides."""

@@ -1,0 +1,336 @@
+"""The job schema and how a job file becomes a validated :class:`Job`.
+
+A job is YAML read with ``yaml.safe_load``. ``_base_: [other.yaml, ...]`` inherits (deep merge, this
+file wins, lists replaced). ``--set dotted.key=value`` overrides are parsed as YAML scalars and then
+structured to the field's type. Sections a plugin provides (model, adapter, method, scheduler, data,
+train.optimizer, callbacks) are chosen by ``type:`` and their other keys are structured into that
+plugin's attrs config, unknown keys rejected. Every problem is collected and reported together.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+from diffcore.config.structure import ExpectedError, structure, unstructure
+from diffcore.errors import ConfigError, Problem, UserError
+
+# Sections whose content is a plugin's config, and the registry kind that provides them.
+PLUGIN_SECTIONS = {"model": "model", "adapter": "adapter", "method": "method", "scheduler": "scheduler", "data": "dataset"}
+
+
+@attrs.define
+class Section:
+    """A plugin-provided section: the component's name and its structured config."""
+
+    type: str
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **unstructure(self.config)}
+
+
+@attrs.define(kw_only=True)
+class DeepSpeedConfig:
+    """How DeepSpeed shards and offloads (``train.deepspeed``)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    #: raw DeepSpeed config keys merged over the generated config (expert use)
+    extra: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
+class TrainConfig:
+    """The ``train`` section: the loop, precision, optimisation and checkpointing."""
+
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    log_every: int = 1
+    ema_decay: float | None = None
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    device: str = "auto"
+    deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
+
+
+@attrs.define(kw_only=True)
+class Job:
+    """A whole training job."""
+
+    name: str = "diffcore"
+    output_dir: str = ""
+    seed: int = 0
+    model: Section
+    adapter: Section | None = None
+    method: Section
+    scheduler: Section | None = None
+    data: Section
+    train: TrainConfig = attrs.Factory(TrainConfig)
+    optimizer: Section | None = None
+    callbacks: list[Section] = attrs.Factory(list)
+    #: where the job was read from (not part of the YAML)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved job as plain data (what ``job.yaml`` in the output holds)."""
+        out: dict[str, Any] = {"name": self.name, "output_dir": self.output_dir, "seed": self.seed}
+        out["model"] = self.model.to_dict()
+        if self.adapter is not None:
+            out["adapter"] = self.adapter.to_dict()
+        out["method"] = self.method.to_dict()
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler.to_dict()
+        out["data"] = self.data.to_dict()
+        train = unstructure(self.train)
+        if self.optimizer is not None:
+            train["optimizer"] = self.optimizer.to_dict()
+        out["train"] = train
+        out["callbacks"] = [c.to_dict() for c in self.callbacks]
+        return out
+
+
+TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
+DEFAULT_METHOD = {"type": "diffusion"}
+
+
+# -- reading YAML --------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """One YAML file as a mapping, with ``_base_`` files merged underneath it."""
+    return _read_with_bases(Path(path), [])
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in [*chain, path])
+        raise UserError(f"_base_ files include each other: {cycle}", where=str(path))
+    if not path.is_file():
+        raise UserError("job file not found", where=str(path), hint="check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"invalid YAML: {problem}", where=where) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"a job file must be a mapping of sections, got {type(data).__name__}", where=str(path))
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError("_base_ must be a file name or a list of file names", where=f"{path}: $._base_")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, _read_with_bases(path.parent / base, [*chain, path]))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings merge key by key, everything else replaces.
+
+    A section whose ``type`` changes is replaced whole (its old options belong to another plugin).
+    """
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and old.get("type", value.get("type")) == value.get(
+            "type", old.get("type")
+        ):
+            out[key] = deep_merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; the value is parsed as a YAML scalar or flow value."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"bad --set {item!r}", where="--set", hint="write --set dotted.key=value, e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = out
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, key, depth, create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            index = _index(last, key, node)
+            node[index] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"cannot set {key!r}: {'.'.join(parts[:-1])} is not a section", where="--set")
+    return out
+
+
+def _child(node: Any, part: str, key: str, depth: int, *, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(part, key, node)]
+    if not isinstance(node, dict):
+        raise UserError(f"cannot set {key!r}: {'.'.join(key.split('.')[:depth])} is not a section", where="--set")
+    if part not in node or node[part] is None:
+        if not create:
+            raise KeyError(part)
+        node[part] = {}
+    return node[part]
+
+
+def _index(part: str, key: str, node: list[Any]) -> int:
+    try:
+        index = int(part)
+        node[index]
+    except (ValueError, IndexError):
+        raise UserError(f"cannot set {key!r}: {part!r} is not an index of a list of {len(node)}", where="--set") from None
+    return index
+
+
+# -- structuring ---------------------------------------------------------------------------------
+def structure_job(data: dict[str, Any], *, source: str | None = None, registry: Any = None) -> Job:
+    """Validate plain job data into a :class:`Job`, reporting every problem at once."""
+    from diffcore.registry import get_registry
+
+    registry = registry or get_registry()
+    problems: list[Problem] = []
+    for key in data:
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; sections are: {', '.join(TOP_KEYS)}"
+            problems.append(Problem(f"$.{key}", f"unknown section{hint}"))
+
+    def section(key: str, kind: str, raw: Any, path: str, required: bool) -> Section | None:
+        if raw is None:
+            if required:
+                problems.append(Problem(path, f"required section missing (give it a type: naming a {kind})"))
+            return None
+        if isinstance(raw, str):
+            raw = {"type": raw}
+        if not isinstance(raw, dict):
+            problems.append(Problem(path, f"expected a mapping with a type: key, got {type(raw).__name__}"))
+            return None
+        raw = dict(raw)
+        name = raw.pop("type", None)
+        if not isinstance(name, str) or not name:
+            installed = ", ".join(registry.names(kind)) or "none installed"
+            problems.append(Problem(f"{path}.type", f"required: the {kind} to use ({installed})"))
+            return None
+        if name not in registry.components[kind]:
+            problems.append(Problem(f"{path}.type", registry.unknown_message(kind, name)))
+            return None
+        spec = registry.components[kind][name].spec
+        try:
+            config = structure(raw, spec.config, path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+        return Section(type=name, config=config)
+
+    sections: dict[str, Any] = {}
+    for key, kind in PLUGIN_SECTIONS.items():
+        raw = data.get(key, DEFAULT_METHOD if key == "method" else None)
+        sections[key] = section(key, kind, raw, f"$.{key}", required=key in {"model", "data", "method"})
+
+    train_raw = data.get("train") or {}
+    optimizer = None
+    if not isinstance(train_raw, dict):
+        problems.append(Problem("$.train", "expected a mapping of keys to values"))
+        train_raw = {}
+    train_raw = dict(train_raw)
+    if "optimizer" in train_raw:
+        optimizer = section("optimizer", "optimizer", train_raw.pop("optimizer"), "$.train.optimizer", False)
+    else:
+        optimizer = section("optimizer", "optimizer", {"type": "adamw"}, "$.train.optimizer", False)
+    train = TrainConfig()
+    try:
+        train = structure(train_raw, TrainConfig, "$.train")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+
+    callbacks: list[Section] = []
+    raw_callbacks = data.get("callbacks") or []
+    if not isinstance(raw_callbacks, list):
+        problems.append(Problem("$.callbacks", "expected a list of callback sections"))
+        raw_callbacks = []
+    for i, raw in enumerate(raw_callbacks):
+        cb = section("callbacks", "callback", raw, f"$.callbacks[{i}]", True)
+        if cb is not None:
+            callbacks.append(cb)
+
+    scalars: dict[str, Any] = {}
+    for key, conv in (("name", str), ("output_dir", str), ("seed", int)):
+        if key in data:
+            try:
+                scalars[key] = structure(data[key], conv, f"$.{key}")
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    problems.extend(_check_train(train))
+    if problems:
+        raise ConfigError(problems, source=source)
+    name = scalars.get("name", "diffcore")
+    output_dir = scalars.get("output_dir") or str(Path("runs") / name)
+    return Job(
+        name=name,
+        output_dir=output_dir,
+        seed=scalars.get("seed", 0),
+        model=sections["model"],
+        adapter=sections["adapter"],
+        method=sections["method"],
+        scheduler=sections["scheduler"],
+        data=sections["data"],
+        train=train,
+        optimizer=optimizer,
+        callbacks=callbacks,
+        source=source,
+    )
+
+
+def _check_train(train: TrainConfig) -> list[Problem]:
+    out = []
+    for key in ("steps", "batch_size", "gradient_accumulation", "log_every"):
+        if getattr(train, key) < 1:
+            out.append(Problem(f"$.train.{key}", f"must be at least 1, got {getattr(train, key)}"))
+    for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers"):
+        if getattr(train, key) < 0:
+            out.append(Problem(f"$.train.{key}", f"must not be negative, got {getattr(train, key)}"))
+    if train.lr <= 0:
+        out.append(Problem("$.train.lr", f"must be positive, got {train.lr}"))
+    if train.ema_decay is not None and not 0.0 < train.ema_decay < 1.0:
+        out.append(Problem("$.train.ema_decay", f"must be between 0 and 1, got {train.ema_decay}"))
+    return out
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None, *, registry: Any = None) -> Job:
+    """Read, merge, override and validate a job file."""
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return structure_job(data, source=str(path), registry=registry)
+
+
+def dump_job(job: Job) -> str:
+    return yaml.safe_dump(job.to_dict(), sort_keys=False)
+
+
+__all__ = ["ExpectedError", "Job", "Section", "TrainConfig", "DeepSpeedConfig", "load_job", "structure_job"]

@@ -1,0 +1,1 @@
+"""Training methods shipped with the kernel."""

@@ -1,0 +1,232 @@
+"""Checkpoints: atomic, resumable, pruned.
+
+``checkpoints/step-<N>/`` holds DeepSpeed's resume state (``deepspeed/``), ``trainer.json`` (step,
+data position), per-rank RNG states, the EMA, and the exported trainable weights
+(``model.safetensors`` or ``adapter.safetensors``). It is written under ``.tmp-step-<N>`` and renamed
+into place only when complete, so a crash or kill while saving leaves the previous checkpoint as it
+was and never a half-written ``step-<N>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from diffcore.errors import UserError
+from diffcore.training.distributed import barrier
+from diffcore.weights import save_safetensors
+
+STATE_TAG = "deepspeed"
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith("step-") and (child / "trainer.json").is_file():
+                try:
+                    found.append((int(child.name[5:]), child))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_meta"] = torch.tensor([np_state[2], np_state[3]], dtype=torch.float64)
+    py = random.getstate()
+    state["python"] = torch.tensor(py[1], dtype=torch.int64)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    meta = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), meta[1]))
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+
+
+def export_weights(ctx: Any, folder: Path) -> Path:
+    """Write the trainable weights (adapter or model) into ``folder`` on rank 0; the path written."""
+    meta = {"diffcore_step": str(ctx.step), "diffcore_model": ctx.job.model.type}
+    if ctx.adapter is not None:
+        path = folder / "adapter.safetensors"
+        if ctx.is_main:
+            fmt = getattr(ctx.adapter.config, "save_format", "kohya") if hasattr(ctx.adapter, "config") else "kohya"
+            ctx.adapter.save(path, fmt, meta)
+        return path
+    path = folder / "model.safetensors"
+    gathered = _gather(ctx)
+    with gathered:
+        if ctx.is_main:
+            export = getattr(ctx.model, "export_state_dict", None)
+            tensors = export("diffusers") if export else ctx.model.backbone.state_dict()
+            save_safetensors(tensors, path, meta)
+    return path
+
+
+def _gather(ctx: Any):
+    import contextlib
+
+    if ctx.job.train.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(ctx.model.backbone.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(ctx: Any) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically on every rank; prune old ones on rank 0."""
+    root = checkpoint_root(ctx.output_dir)
+    final = root / f"step-{ctx.step}"
+    tmp = root / f".tmp-step-{ctx.step}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    ctx.engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
+    save_safetensors(_rng_state(), tmp / f"rng-rank{ctx.rank}.safetensors")
+    if ctx.is_main:
+        if ctx.ema is not None:
+            save_safetensors(ctx.ema.state_dict(), tmp / "ema.safetensors")
+        state = {
+            "step": ctx.step,
+            "sampler": ctx.sampler.state_dict(),
+            "world_size": ctx.world_size,
+            "job": ctx.job.name,
+            "seed": ctx.job.seed,
+        }
+        (tmp / "trainer.json.tmp").write_text(json.dumps(state, indent=2))
+    export_weights(ctx, tmp)
+    barrier()
+    if ctx.is_main:
+        # trainer.json is the completeness marker: written last, then the folder renamed at once
+        os.replace(tmp / "trainer.json.tmp", tmp / "trainer.json")
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune(ctx.output_dir, ctx.job.train.keep_last)
+    barrier()
+    ctx.last_checkpoint = final
+    return final
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale(output_dir: Path) -> None:
+    """Remove half-written checkpoints a crash left behind."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".tmp-step-"):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def load_checkpoint(ctx: Any, path: Path) -> None:
+    """Restore the engine, optimizer, lr schedule, data position, RNG and EMA from ``path``."""
+    state = json.loads((path / "trainer.json").read_text())
+    if state["world_size"] != ctx.world_size and ctx.job.train.deepspeed.zero_stage > 0:
+        raise UserError(
+            f"checkpoint was written by {state['world_size']} processes, this run has {ctx.world_size}",
+            where=str(path),
+            hint="resume with the same number of processes under ZeRO",
+        )
+    _use_safe_loading(ctx.engine)
+    load_path, _ = ctx.engine.load_checkpoint(
+        str(path), tag=STATE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise UserError("the DeepSpeed state in this checkpoint could not be loaded", where=str(path))
+    ctx.step = int(state["step"])
+    try:
+        ctx.sampler.load_state_dict(state["sampler"])
+    except ValueError as exc:
+        raise UserError(str(exc), where=str(path)) from None
+    rng_file = path / f"rng-rank{ctx.rank}.safetensors"
+    if rng_file.exists():
+        _set_rng_state(load_file(str(rng_file)))
+    if ctx.ema is not None and (path / "ema.safetensors").exists():
+        ctx.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+
+
+def _use_safe_loading(engine: Any) -> None:
+    """Make DeepSpeed read its own resume state with ``torch.load(weights_only=True)``."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or getattr(ce, "_diffcore_safe", False):
+        return
+
+    def load(path: str, map_location: Any = None) -> Any:
+        _allow_deepspeed_globals()
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+    ce._diffcore_safe = True
+
+
+def _allow_deepspeed_globals() -> None:
+    """The non-tensor objects DeepSpeed puts in its state files, allowed by name (no arbitrary code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    try:
+        from deepspeed.checkpoint.utils import clone_tensors_for_torch_save  # noqa: F401
+    except ImportError:
+        pass
+    import argparse
+    import collections
+
+    allowed += [argparse.Namespace, collections.OrderedDict, collections.defaultdict, set]
+    torch.serialization.add_safe_globals(allowed)

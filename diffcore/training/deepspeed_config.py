@@ -1,0 +1,32 @@
+"""The DeepSpeed config a job implies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcore.config.job import Job, deep_merge
+
+
+def deepspeed_config(job: Job, world_size: int) -> dict[str, Any]:
+    train = job.train
+    ds = train.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "train_batch_size": train.batch_size * train.gradient_accumulation * world_size,
+        "gradient_clipping": float(train.grad_clip or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.mixed_precision == "bf16"},
+        "fp16": {"enabled": train.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # our own torch optimizers run under ZeRO (and on the CPU when offloaded)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, ds.extra)

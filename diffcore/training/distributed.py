@@ -1,0 +1,88 @@
+"""Process-group setup: one code path for a single process, torchrun and the deepspeed launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> Dist:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) through DeepSpeed, once.
+
+    Without a launcher the process becomes rank 0 of a world of one.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    world = td.get_world_size()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif world > 1:
+        # processes on one CPU share its cores instead of each taking them all
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=td.get_rank(), local_rank=local_rank, world_size=world, device=device)
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.barrier()
+
+
+def all_mean(value: float) -> float:
+    """Mean of a float over ranks."""
+    import torch.distributed as td
+
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    td.all_reduce(t)
+    return float(t.item()) / td.get_world_size()
+
+
+def all_true(flag: bool) -> bool:
+    import torch.distributed as td
+
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    td.all_reduce(t, op=td.ReduceOp.MIN)
+    return bool(t.item())

@@ -1,0 +1,256 @@
+"""The training loop: build the job's components, hand the trainable ones to DeepSpeed, iterate."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from diffcore.api import build_component, component_config
+from diffcore.config.job import Job, Section, dump_job
+from diffcore.data.collate import collate
+from diffcore.data.sampler import BucketBatchSampler, hash_seed
+from diffcore.errors import TrainingError, UserError
+from diffcore.registry import get_registry
+from diffcore.training import checkpoint as ckpt
+from diffcore.training.context import StepRandom, TrainContext
+from diffcore.training.deepspeed_config import deepspeed_config
+from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed
+from diffcore.training.ema import EMA
+from diffcore.training.schedule import lr_lambda
+
+#: callbacks every run has, before the job's own
+DEFAULT_CALLBACKS = ["checkpoint", "metrics", "progress"]
+
+
+@attrs.frozen
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final: Path | None
+    last_loss: float | None
+
+
+def build_callbacks(job: Job) -> list[Any]:
+    named = {c.type for c in job.callbacks}
+    sections = [Section(type=name, config=component_config("callback", name, {})) for name in DEFAULT_CALLBACKS if name not in named]
+    if "tensorboard" not in named and _tensorboard_available():
+        sections.append(Section(type="tensorboard", config=component_config("callback", "tensorboard", {})))
+    sections += job.callbacks
+    return [build_component("callback", s.type, s.config) for s in sections]
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def scheduler_section(job: Job, model: Any) -> Section:
+    if job.scheduler is not None:
+        return job.scheduler
+    default = dict(getattr(model, "default_scheduler", None) or {"type": "ddpm"})
+    name = default.pop("type")
+    return Section(type=name, config=component_config("scheduler", name, default, where="$.scheduler"))
+
+
+def run_job(job: Job, *, resume: bool = False) -> TrainResult:
+    dist = init_distributed(job.train.device)
+    torch.manual_seed(hash_seed(job.seed, dist.rank, 1))
+    import random
+
+    import numpy as np
+
+    random.seed(hash_seed(job.seed, dist.rank, 2))
+    np.random.seed(hash_seed(job.seed, dist.rank, 3) % (2**32))
+
+    out = Path(job.output_dir)
+    existing = ckpt.latest_checkpoint(out)
+    if existing is not None and not resume:
+        raise UserError(
+            f"output_dir already holds checkpoints (newest {existing.name})",
+            where=str(out),
+            hint="pass --resume to continue it, or choose another output_dir",
+        )
+    if resume and existing is None and dist.rank == 0:
+        print(f"diffcore: no checkpoint in {out} to resume from; starting at step 0", flush=True)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(out)
+        _write_text_atomic(out / "job.yaml", dump_job(job))
+    barrier()
+
+    model = build_component("model", job.model.type, job.model.config)
+    sched_section = scheduler_section(job, model)
+    scheduler = build_component("scheduler", sched_section.type, sched_section.config)
+    dataset = build_component("dataset", job.data.type, job.data.config)
+    method = build_component("method", job.method.type, job.method.config)
+    model.to(dist.device)
+    if job.train.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+
+    ctx = TrainContext(
+        job=job,
+        model=model,
+        scheduler=scheduler,
+        method=method,
+        dataset=dataset,
+        output_dir=out,
+        device=dist.device,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    if job.adapter is not None:
+        ctx.adapter = build_component("adapter", job.adapter.type, job.adapter.config)
+        ctx.adapter_params = list(ctx.adapter.attach(model))
+    trainable = [p for p in method.setup(ctx) if p.requires_grad]
+    if not trainable:
+        raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
+    ctx.trainable = trainable
+    names = _param_names(model, trainable)
+
+    opt_section = job.optimizer or Section(type="adamw", config=component_config("optimizer", "adamw", {}))
+    optimizer = get_registry().get("optimizer", opt_section.type).spec.factory(trainable, opt_section.config, job.train.lr)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(job.train.lr_schedule, job.train.steps, job.train.warmup_steps, job.train.min_lr_ratio)
+    )
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.backbone,
+        optimizer=optimizer,
+        lr_scheduler=lr_sched,
+        config=deepspeed_config(job, dist.world_size),
+    )
+    ctx.engine = engine
+    if job.train.ema_decay is not None:
+        if job.train.deepspeed.zero_stage == 3:
+            raise UserError("train.ema_decay is not supported with zero_stage 3", where="$.train.ema_decay")
+        ctx.ema = EMA(trainable, names, job.train.ema_decay)
+
+    sampler = BucketBatchSampler(
+        dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size
+    )
+    ctx.sampler = sampler
+    if resume and existing is not None:
+        ckpt.load_checkpoint(ctx, existing)
+        ctx.last_checkpoint = existing
+
+    callbacks = build_callbacks(job)
+    ctx.callbacks = callbacks
+    for cb in callbacks:
+        cb.on_train_start(ctx)
+    try:
+        last_loss = _train(ctx, callbacks)
+    except BaseException as exc:
+        for cb in callbacks:
+            try:
+                cb.on_exception(ctx, exc)
+            except Exception:  # a failing callback must not hide the original error
+                pass
+        raise
+    for cb in callbacks:
+        cb.on_train_end(ctx)
+    final = out / "final"
+    if dist.rank == 0:
+        final.mkdir(parents=True, exist_ok=True)
+    barrier()
+    path = ckpt.export_weights(ctx, final)
+    if dist.rank == 0 and ctx.ema is not None:
+        from diffcore.weights import save_safetensors
+
+        save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors")
+    barrier()
+    return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
+
+
+def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
+    job = ctx.job
+    gas = job.train.gradient_accumulation
+    loader = torch.utils.data.DataLoader(
+        ctx.dataset,
+        batch_sampler=_from_position(ctx.sampler),
+        collate_fn=collate,
+        num_workers=job.train.num_workers,
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    engine = ctx.engine
+    engine.train()
+    window_start, window_samples, window_losses = time.time(), 0, []
+    last_loss = None
+    while ctx.step < job.train.steps:
+        step_losses = []
+        extra: dict[str, float] = {}
+        for micro in range(gas):
+            batch = next(batches)
+            ctx.step_random = StepRandom(job.seed, ctx.step * gas + micro, ctx.rank, ctx.world_size)
+            loss, logs = ctx.method.loss(ctx, batch)
+            value = float(loss.detach())
+            if not all_true(math.isfinite(value)):
+                raise TrainingError(_nan_message(ctx, value))
+            engine.backward(loss)
+            engine.step()
+            ctx.sampler.position += 1
+            step_losses.append(value)
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / gas
+        ctx.step += 1
+        if ctx.ema is not None:
+            ctx.ema.update()
+        last_loss = all_mean(sum(step_losses) / len(step_losses))
+        window_losses.append(last_loss)
+        window_samples += ctx.sampler.global_batch * gas
+        if ctx.step % job.train.log_every == 0 or ctx.step == job.train.steps:
+            now = time.time()
+            logs = {
+                "step": ctx.step,
+                "loss": sum(window_losses) / len(window_losses),
+                "lr": ctx.lr,
+                "samples_per_sec": window_samples / max(now - window_start, 1e-9),
+                "elapsed_s": now - ctx.start_time,
+                "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
+                **extra,
+            }
+            window_start, window_samples, window_losses = now, 0, []
+        else:
+            logs = None
+        for cb in callbacks:
+            cb.on_step_end(ctx, logs)
+    return last_loss
+
+
+def _nan_message(ctx: TrainContext, value: float) -> str:
+    kept = f"the last good checkpoint is {ctx.last_checkpoint}" if ctx.last_checkpoint else "no checkpoint was written yet"
+    return (
+        f"loss became {value} at step {ctx.step + 1}; training stopped and {kept}. "
+        "Lower train.lr, raise warmup_steps, or use bf16 instead of fp16"
+    )
+
+
+def _from_position(sampler: BucketBatchSampler):
+    class _Batches:
+        def __iter__(self):
+            return iter(sampler)
+
+    return _Batches()
+
+
+def _param_names(model: Any, params: list[torch.nn.Parameter]) -> list[str]:
+    ids = {id(p): i for i, p in enumerate(params)}
+    names = [f"param{i}" for i in range(len(params))]
+    for name, p in model.backbone.named_parameters():
+        if id(p) in ids:
+            names[ids[id(p)]] = name
+    return names
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
