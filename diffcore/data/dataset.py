@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,8 +99,11 @@ class ImageDataset:
             )
         self.fields = self._fields()
         self._by_bucket: dict[Bucket, list[int]] = {}
+        self._slot: list[int] = []  # position of each example in its bucket's list
         for i, p in enumerate(self.placements):
-            self._by_bucket.setdefault(p.bucket, []).append(i)
+            members = self._by_bucket.setdefault(p.bucket, [])
+            self._slot.append(len(members))
+            members.append(i)
         self._reported: set[str] = set()
 
     # -- checks at start -------------------------------------------------------------------------
@@ -165,12 +169,13 @@ class ImageDataset:
         """(the dataset that holds the example, its index there, the key its random draws use)."""
         return self, index, index
 
-    def draw(self, index: int, key: int | None = None) -> Draw:
-        """This epoch's random choices for example ``index`` (drawn with ``key``, default ``index``)."""
+    def draw(self, index: int, key: int | None = None, epoch: int | None = None) -> Draw:
+        """The random choices for example ``index`` in ``epoch`` (default: the one set by
+        ``set_epoch``), drawn with ``key`` (default ``index``)."""
         opts = self.options
         return draw(
             opts.seed,
-            self.epoch,
+            self.epoch if epoch is None else epoch,
             index if key is None else key,
             slack=self.placements[index].slack,
             random_crop=opts.crop == "random",
@@ -181,13 +186,17 @@ class ImageDataset:
             keep_tags=opts.keep_tags,
         )
 
-    def render(self, index: int, choice: Draw, *, pixels: bool = True) -> dict[str, Any]:
+    def render(
+        self, index: int, choice: Draw, *, pixels: bool = True, only_pixels: bool = False
+    ) -> dict[str, Any]:
         """Example ``index`` under ``choice``; ``pixels=False`` leaves out the main image (cached)."""
         record, placement = self.records[index], self.placements[index]
         geometry = (placement.resized, choice.top, choice.left, placement.bucket, choice.flip)
         out: dict[str, Any] = {}
         if pixels:
             out["pixels"] = to_tensor(fit(load(record.image, "RGB"), *geometry))
+            if only_pixels:
+                return out
         if "captions" in self.fields:
             out["captions"] = choice.caption or ""
         if "labels" in self.fields:
@@ -202,15 +211,14 @@ class ImageDataset:
                 out[name] = to_tensor(fit(load(getattr(record, name), "RGB"), *geometry))
         return out
 
-    def example(self, index: int, key: int | None = None, *, pixels: bool = True) -> dict[str, Any]:
+    def example(
+        self, index: int, key: int | None = None, *, epoch: int | None = None, pixels: bool = True
+    ) -> dict[str, Any]:
         """Example ``index`` drawn with ``key``; a file that fails to load is handled per on_bad_data."""
-        order = self._by_bucket[self.placements[index].bucket]
-        start = order.index(index)
-        for step in range(len(order)):
-            candidate = order[(start + step) % len(order)]
+        for candidate in self.same_bucket(index):
             try:
                 return self.render(
-                    candidate, self.draw(candidate, key if key is not None else index), pixels=pixels
+                    candidate, self.draw(candidate, key if key is not None else index, epoch), pixels=pixels
                 )
             except BadImage as exc:
                 self._failed(candidate, str(exc))
@@ -218,8 +226,15 @@ class ImageDataset:
             f"no example of bucket {self.placements[index].bucket} could be loaded", where=self.where
         )
 
+    def same_bucket(self, index: int) -> Iterator[int]:
+        """``index``, then the other examples of its bucket in order (stand-ins for a bad file)."""
+        order = self._by_bucket[self.placements[index].bucket]
+        start = self._slot[index]
+        return (order[(start + n) % len(order)] for n in range(len(order)))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.example(index)
+        # The sampler's EpochIndex carries the epoch, which survives the trip to worker processes.
+        return self.example(int(index), epoch=getattr(index, "epoch", None))
 
     def _failed(self, index: int, reason: str) -> None:
         path = str(self.records[index].image)

@@ -74,14 +74,20 @@ class MixDataset:
             return leaf, j, index
         return ds, j, index
 
-    def example(self, index: int, key: int | None = None, *, pixels: bool = True) -> dict[str, Any]:
+    def example(
+        self, index: int, key: int | None = None, *, epoch: int | None = None, pixels: bool = True
+    ) -> dict[str, Any]:
         leaf, j, own = self.resolve(index)
         if hasattr(leaf, "example"):
-            return leaf.example(j, own if key is None else key, pixels=pixels)
+            return leaf.example(j, own if key is None else key, epoch=epoch, pixels=pixels)
+        if epoch is not None:
+            from diffcore.data.sampler import EpochIndex
+
+            return leaf[EpochIndex(j, epoch)]
         return leaf[j]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.example(index)
+        return self.example(int(index), epoch=getattr(index, "epoch", None))
 
     @property
     def problems(self) -> list[Any]:
