@@ -6,6 +6,7 @@ from __future__ import annotations
 def records() -> list:
     from diffcore.data.config import FolderConfig, MetadataConfig, MixConfig
     from diffcore.data.factories import build_folder, build_metadata, build_mix
+    from diffcore.data.synthetic_config import SyntheticConfig
     from diffcore.records import DatasetSpec
 
     return [
@@ -27,4 +28,16 @@ def records() -> list:
             factory=build_mix,
             description="several dataset sections mixed with weights and repeats",
         ),
+        DatasetSpec(
+            name="synthetic",
+            config=SyntheticConfig,
+            factory=_build_synthetic,
+            description="labelled coloured shapes drawn on the fly (no download; the quickstart's data)",
+        ),
     ]
+
+
+def _build_synthetic(config, where: str = "$.data"):
+    from diffcore.data.synthetic import build_synthetic
+
+    return build_synthetic(config, where)
