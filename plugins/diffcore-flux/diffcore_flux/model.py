@@ -1,0 +1,150 @@
+"""The Flux.1 model object: packing, ids, text and Kontext conditioning around the transformer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcore.errors import UserError
+from diffcore.model import DiffusionModel
+from diffcore.weights import save_safetensors
+from diffcore_flux import convert
+from diffcore_flux.config import FluxConfig
+from diffcore_flux.packing import image_ids, pack, sequence_length, text_ids, unpack
+from diffcore_flux.text import FluxTextEncoders
+from diffcore_flux.transformer import FluxTransformer
+
+#: what kohya, ai-toolkit and diffusers' Flux LoRA recipes wrap: attention, MLP and modulation linears
+ADAPTER_TARGETS = [
+    r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$",
+    r"^double_blocks\.\d+\.(img|txt)_mlp\.(0|2)$",
+    r"^double_blocks\.\d+\.(img|txt)_mod\.lin$",
+    r"^single_blocks\.\d+\.(linear1|linear2|modulation\.lin)$",
+]
+
+
+class FluxModel(DiffusionModel):
+    """Flux.1 dev or schnell (optionally Kontext) under the diffcore model protocol.
+
+    ``encode_conditions(batch)`` -> ``{"txt", "pooled"}`` plus ``"reference_latents"`` for Kontext;
+    ``predict(latents BCHW, sigma, cond, guidance=None)`` -> velocity BCHW for the target image only.
+    """
+
+    prediction_type = "flow"
+    adapter_targets = ADAPTER_TARGETS
+
+    def __init__(
+        self,
+        backbone: FluxTransformer,
+        config: FluxConfig,
+        *,
+        text: FluxTextEncoders | None = None,
+        autoencoder: Any = None,
+    ):
+        frozen = {"te1": text.clip, "te2": text.t5} if text is not None else {}
+        super().__init__(
+            backbone, autoencoder=autoencoder, frozen=frozen, latent_channels=backbone.shape.in_channels // 4
+        )
+        self.config = config
+        self.text = text
+        self.kontext = config.kontext
+        self.guidance_embedded = backbone.shape.guidance_embed
+        if self.guidance_embedded:
+            self.default_scheduler = {"type": "flow", "dynamic_shift": "flux1"}
+        else:  # schnell is timestep-distilled on unshifted sigmas
+            self.default_scheduler = {"type": "flow", "shift": 1.0}
+
+    # -- conditioning ----------------------------------------------------------------------------
+    def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if self.text is None:
+            raise UserError(
+                "this Flux model has no text encoders loaded",
+                where="$.model",
+                hint="set pretrained or text_encoder*",
+            )
+        captions = batch["captions"]
+        txt, pooled = self.text.encode([captions] if isinstance(captions, str) else list(captions))
+        cond = {"txt": txt, "pooled": pooled}
+        reference = batch.get("reference")
+        if self.kontext and reference is not None:
+            cond["reference_latents"] = self.encode_images(reference.to(self.device))
+        return cond
+
+    def null_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return super().null_batch(batch)  # the reference image stays: Kontext guidance drops text only
+
+    def predict(
+        self,
+        noisy_latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        guidance: float | torch.Tensor | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
+        b, _, h, w = noisy_latents.shape
+        device, dtype = noisy_latents.device, self.dtype
+        img = pack(noisy_latents.to(dtype))
+        ids = image_ids(h, w, device=device)
+        reference = cond.get("reference_latents")
+        if reference is not None:
+            # Kontext: the reference's tokens follow the target's, told apart by id axis 0 = 1.
+            img = torch.cat((img, pack(reference.to(device, dtype))), dim=1)
+            ids = torch.cat((ids, image_ids(*reference.shape[-2:], index=1, device=device)), dim=0)
+        txt = cond["txt"].to(device, dtype)
+        t = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(-1).expand(b)
+        g = None
+        if self.guidance_embedded:
+            value = self.config.guidance if guidance is None else guidance
+            g = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(-1).expand(b)
+        out = self.backbone(
+            img, ids, txt, text_ids(txt.shape[1], device=device), t, cond["pooled"].to(device), g
+        )
+        return unpack(out[:, : (h // 2) * (w // 2)], h, w)
+
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        return sequence_length(latents)
+
+    # -- adapters and export ---------------------------------------------------------------------
+    def adapter_key(self, module_path: str, fmt: str) -> str | list[tuple[str, int]] | None:
+        """kohya: ``lora_unet_`` + BFL path; peft: the diffusers path, or for a fused module
+        (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) a list of (diffusers path, rows)."""
+        if fmt == "kohya":
+            return "lora_unet_" + module_path.replace(".", "_")
+        if fmt != "peft":
+            raise ValueError(f"unknown adapter format {fmt!r} (kohya or peft)")
+        mapped = convert.diffusers_modules(module_path, self.backbone.shape.hidden_size)
+        if mapped is None:
+            return None
+        targets, split = mapped
+        if split in ("qkv", "linear1"):
+            mlp_rows = self.backbone.single_blocks[0].mlp_hidden if split == "linear1" else None
+            return [(name, rows if rows is not None else mlp_rows) for name, rows in targets]
+        return targets[0][0]
+
+    def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
+        state = ((k, v.detach()) for k, v in self.backbone.state_dict().items())
+        if layout == "diffusers":
+            return convert.to_diffusers(state, self.backbone.shape.hidden_size)
+        if layout == "original":
+            return convert.to_original(state)
+        raise UserError(f"unknown layout {layout!r}", hint="use 'diffusers' or 'original'")
+
+    def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
+        """Write the transformer: a diffusers ``transformer`` folder (config.json + weights), or for
+        "original" BFL's single file (``path`` itself when it ends in .safetensors)."""
+        path = Path(path)
+        tensors = self.export_state_dict(layout)
+        if layout == "original":
+            file = (
+                path if path.suffix == ".safetensors" else path / f"flux1-{self.config.variant}.safetensors"
+            )
+            save_safetensors(tensors, file)
+            return file
+        path.mkdir(parents=True, exist_ok=True)
+        save_safetensors(tensors, path / "diffusion_pytorch_model.safetensors")
+        (path / "config.json").write_text(json.dumps(convert.diffusers_config(self.backbone.shape), indent=2))
+        return path
