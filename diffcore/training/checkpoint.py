@@ -68,7 +68,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
             state[f"cuda{i}"] = s
     np_state = np.random.get_state()
     state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    state["numpy_meta"] = torch.tensor([np_state[2], np_state[3]], dtype=torch.float64)
+    state["numpy_meta"] = torch.tensor([np_state[2], np_state[3], np_state[4]], dtype=torch.float64)
     py = random.getstate()
     state["python"] = torch.tensor(py[1], dtype=torch.int64)
     return state
@@ -81,7 +81,9 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     meta = state["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), meta[1]))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]), float(meta[2]))
+    )
     random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
 
 

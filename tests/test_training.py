@@ -1,0 +1,156 @@
+"""The training loop end to end on CPU: output layout, exact resume, crash safety, NaN stop."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffcore.config.job import structure_job
+from diffcore.errors import TrainingError, UserError
+from diffcore.training import run_job
+from tests.jobs import tiny_job
+
+
+def train(job_dict, resume=False):
+    return run_job(structure_job(job_dict), resume=resume)
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_output_layout_metrics_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_job(out))
+    assert result.steps == 4
+    assert (out / "job.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"step", "loss", "lr", "samples_per_sec", "elapsed_s"} <= r.keys()
+        assert r["loss"] > 0 and r["samples_per_sec"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    for step in ("step-2", "step-4"):
+        folder = out / "checkpoints" / step
+        assert (folder / "model.safetensors").is_file()
+        assert json.loads((folder / "trainer.json").read_text())["step"] == int(step[5:])
+    final = weights(out / "final" / "model.safetensors")
+    assert_same(final, weights(out / "checkpoints" / "step-4" / "model.safetensors"))
+    # the third-party callback ran through the callback hook
+    assert len((out / "loss_history.txt").read_text().splitlines()) == 4
+    # the resolved job is loadable as a job again
+    import yaml
+
+    again = structure_job(yaml.safe_load((out / "job.yaml").read_text()))
+    assert again.model.config.width == 16
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_job(straight, train={"steps": 6, "checkpoint_every": 3}))
+    split = tmp_path / "split"
+    train(tiny_job(split, train={"steps": 3, "checkpoint_every": 3}))
+    train(tiny_job(split, train={"steps": 6, "checkpoint_every": 3}), resume=True)
+    assert_same(weights(straight / "final/model.safetensors"), weights(split / "final/model.safetensors"))
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    sa = json.loads((straight / "checkpoints/step-6/trainer.json").read_text())
+    sb = json.loads((split / "checkpoints/step-6/trainer.json").read_text())
+    assert sa["sampler"] == sb["sampler"]
+    # optimizer (Adam moments, step) and lr-scheduler state are equal too
+    state_a = torch.load(straight / "checkpoints/step-6/deepspeed/mp_rank_00_model_states.pt", weights_only=True)
+    state_b = torch.load(split / "checkpoints/step-6/deepspeed/mp_rank_00_model_states.pt", weights_only=True)
+    assert state_a["lr_scheduler"] == state_b["lr_scheduler"]
+    assert state_a["global_steps"] == state_b["global_steps"] == 6
+    opt_a, opt_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and opt_a
+    for key in opt_a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(opt_a[key][name]), torch.as_tensor(opt_b[key][name])), name
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_job(out, train={"steps": 2}))
+    with pytest.raises(UserError) as err:
+        train(tiny_job(out, train={"steps": 2}))
+    assert "pass --resume" in err.value.render()
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from diffcore.training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    real_export = ckpt.export_weights
+    calls = {"n": 0}
+
+    def crashing_export(ctx, folder):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            (folder / "model.safetensors").write_bytes(b"torn")
+            raise KeyboardInterrupt("killed while saving")
+        return real_export(ctx, folder)
+
+    monkeypatch.setattr(ckpt, "export_weights", crashing_export)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_job(out, train={"steps": 6, "checkpoint_every": 2}))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".tmp-step-4", "step-2"]
+    previous = out / "checkpoints/step-2"
+    assert ckpt.latest_checkpoint(out) == previous
+    load_file(str(previous / "model.safetensors"))  # intact and readable
+
+    monkeypatch.setattr(ckpt, "export_weights", real_export)
+    train(tiny_job(out, train={"steps": 6, "checkpoint_every": 2}), resume=True)
+    assert not (out / "checkpoints/.tmp-step-4").exists()
+    straight = tmp_path / "straight"
+    train(tiny_job(straight, train={"steps": 6, "checkpoint_every": 2}))
+    assert_same(weights(straight / "final/model.safetensors"), weights(out / "final/model.safetensors"))
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    from diffcore.methods.diffusion import DiffusionMethod
+
+    out = tmp_path / "run"
+    real = DiffusionMethod.loss
+
+    def poisoned(self, ctx, batch):
+        loss, logs = real(self, ctx, batch)
+        return (loss * float("nan") if ctx.step == 2 else loss), logs
+
+    monkeypatch.setattr(DiffusionMethod, "loss", poisoned)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_job(out, train={"steps": 6, "checkpoint_every": 2}))
+    message = str(err.value)
+    assert "loss became nan at step 3" in message
+    assert "step-2" in message
+    assert ckpt_names(out) == ["step-2"]
+
+
+def ckpt_names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_keep_last_prunes(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_job(out, train={"steps": 5, "checkpoint_every": 1, "keep_last": 2}))
+    assert ckpt_names(out) == ["step-4", "step-5"]
+
+
+def test_gradient_accumulation_and_ema(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_job(out, train={"steps": 2, "gradient_accumulation": 2, "ema_decay": 0.9}))
+    ema = weights(out / "final/ema.safetensors")
+    model = weights(out / "final/model.safetensors")
+    assert ema.keys() == model.keys()
+    assert any(not torch.equal(ema[k], model[k]) for k in ema)
+    state = json.loads((out / "checkpoints/step-2/trainer.json").read_text())
+    assert state["sampler"]["position"] == 4  # two micro-batches per step
