@@ -1,0 +1,1 @@
+"""Sub-commands of the ``diffcore`` command line that import heavy modules lazily."""
