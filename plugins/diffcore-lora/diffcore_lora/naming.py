@@ -1,0 +1,112 @@
+"""Where a layer's adapter tensors live in a saved file: kohya names and PEFT/diffusers names.
+
+The model plugin names its backbone layers (``model.adapter_key(path, fmt)``): kohya
+"lora_unet_<original name with underscores>"; PEFT the diffusers module path, or for a fused layer a
+list of (diffusers path, rows) whose lora_B rows it owns. Text encoders use kohya "lora_<te>_" over HF
+module names and diffusers "text_encoder[_N]." prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+from torch import nn
+
+from diffcore_lora.layers import supports
+
+BACKBONE = "backbone"
+# diffusers' component names for diffcore's frozen text-encoder names
+TEXT_ENCODER_PREFIX = {"te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3"}
+
+
+@attrs.define
+class Target:
+    """One adaptable layer: which component it is in, its dotted path there, and its file names."""
+
+    component: str
+    path: str
+    layer: nn.Module
+    kohya: str
+    # (full PEFT module name with its component prefix, rows of lora_B it owns or None for all)
+    peft: list[tuple[str, slice | None]]
+
+    @property
+    def ident(self) -> str:
+        return f"{self.component}:{self.path}"
+
+
+def _rows(spec: Any, start: int) -> slice:
+    # A model may give rows as a slice, a (start, stop) pair, or a row count following the previous part.
+    if isinstance(spec, slice):
+        return spec
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return slice(int(spec[0]), int(spec[1]))
+    return slice(start, start + int(spec))
+
+
+def peft_prefix(model: Any, override: str | None = None) -> str:
+    """The diffusers component the backbone is saved under: "unet" or "transformer"."""
+    if override:
+        return override
+    for attr in ("peft_prefix", "diffusers_component"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return "unet" if "unet" in type(model.backbone).__name__.lower() else "transformer"
+
+
+def _backbone_names(model: Any, path: str, prefix: str) -> tuple[str | None, list[tuple[str, slice | None]]]:
+    keyer = getattr(model, "adapter_key", None)
+    if keyer is None:
+        return "lora_unet_" + path.replace(".", "_"), [(f"{prefix}.{path}", None)]
+    kohya = keyer(path, "kohya")
+    peft = keyer(path, "peft")
+    if peft is None:
+        parts: list[tuple[str, slice | None]] = []
+    elif isinstance(peft, str):
+        parts = [(f"{prefix}.{peft}", None)]
+    else:
+        parts, start = [], 0
+        for name, rows in peft:
+            sl = _rows(rows, start)
+            parts.append((f"{prefix}.{name}", sl))
+            start = sl.stop
+    return kohya, parts
+
+
+def candidates(model: Any, components: Iterable[str], *, peft_override: str | None = None) -> list[Target]:
+    """Every adaptable layer of the named components ("backbone" and frozen text-encoder names)."""
+    prefix = peft_prefix(model, peft_override)
+    out: list[Target] = []
+    for component in components:
+        if component == BACKBONE:
+            root = model.backbone
+        else:
+            root = model.frozen[component]
+        for path, layer in root.named_modules():
+            if not path or not supports(layer) or path.split(".")[-1] == "adapters":
+                continue
+            if ".adapters." in f".{path}.":  # never adapt an adapter's own parts
+                continue
+            if component == BACKBONE:
+                kohya, peft = _backbone_names(model, path, prefix)
+                if kohya is None:
+                    continue
+            else:
+                kohya = f"lora_{component}_" + path.replace(".", "_")
+                peft = [(f"{TEXT_ENCODER_PREFIX.get(component, component)}.{path}", None)]
+            out.append(Target(component, path, layer, kohya, peft))
+    return out
+
+
+def components_of(model: Any, text_encoders: bool | list[str]) -> list[str]:
+    frozen = list(getattr(model, "frozen", {}) or {})
+    if text_encoders is True:
+        tes = frozen
+    elif text_encoders:
+        tes = list(text_encoders)
+    else:
+        tes = []
+    return [BACKBONE, *tes]
