@@ -1,0 +1,181 @@
+"""Samplers over a :class:`~diffcore.diffusion.scheduler.SamplingSchedule`.
+
+Each walks the levels of a schedule with a denoiser ``denoise(x, i) -> (x0, eps)`` evaluated at level
+i (the caller turns the model's output, of any prediction type, into both). The state ``x`` is the
+noisy latent as the model sees it (x = alpha x0 + sigma eps), float32. Steps follow the reference
+formulations: DDPM/DDIM in (alpha, sigma), Euler and Heun in the schedule's native coordinates (VE
+for DDPM-family, s for flow: both have derivative (y - x0) / level), Euler-ancestral as
+k-diffusion, DPM-Solver++(2M) in half-log-SNR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import attrs
+import torch
+
+from diffcore.diffusion.scheduler import SamplingSchedule, canonical_sampler
+
+Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@attrs.frozen
+class StepInfo:
+    """What the per-step callback receives after step ``step`` (0-based) of ``steps``."""
+
+    step: int
+    steps: int
+    t: float
+    latents: torch.Tensor
+    denoised: torch.Tensor
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # drawn on the generator's device so a seed gives the same sample on any accelerator
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+def _posterior(a_t: float, s_t: float, a_s: float, s_s: float) -> float:
+    """Variance of q(x_s | x_t, x0) for the cleaner level s after t."""
+    if s_t == 0.0:
+        return 0.0
+    ratio = a_t / a_s if a_s > 0 else 0.0
+    s_ts2 = max(s_t * s_t - ratio * ratio * s_s * s_s, 0.0)
+    return s_s * s_s * s_ts2 / (s_t * s_t)
+
+
+def _lambda(alpha: float, sigma: float) -> float:
+    if alpha == 0.0:
+        return -math.inf
+    if sigma == 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def sample(
+    sampler: str,
+    denoise: Denoiser,
+    x: torch.Tensor,
+    schedule: SamplingSchedule,
+    *,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run ``sampler`` from the start latent ``x`` (at level 0) to the end level; returns the latent.
+
+    ``eta`` is DDIM's stochasticity (0 deterministic, 1 = DDPM posterior noise)."""
+    name = canonical_sampler(sampler)
+    x = x.to(torch.float32)
+    al = schedule.alphas.tolist()
+    sg = schedule.sigmas.tolist()
+    lv = schedule.levels.tolist()
+    n = schedule.steps
+    history: list[torch.Tensor] = []
+    for i in range(n):
+        x0, eps = denoise(x, i)
+        a_t, s_t, a_s, s_s = al[i], sg[i], al[i + 1], sg[i + 1]
+        if name == "ddpm":
+            var = _posterior(a_t, s_t, a_s, s_s)
+            # posterior mean of x_s given x_t and x0, as coefficients on each
+            ratio = a_t / a_s if a_s > 0 else 0.0
+            s_ts2 = s_t * s_t - ratio * ratio * s_s * s_s
+            c_x0 = a_s * s_ts2 / (s_t * s_t)
+            c_xt = ratio * s_s * s_s / (s_t * s_t)
+            x = c_x0 * x0 + c_xt * x
+            if i < n - 1:
+                x = x + math.sqrt(max(var, 1e-20)) * _noise(x, generator)
+        elif name == "ddim":
+            std = eta * math.sqrt(_posterior(a_t, s_t, a_s, s_s))
+            x = a_s * x0 + math.sqrt(max(s_s * s_s - std * std, 0.0)) * eps
+            if eta > 0:
+                x = x + std * _noise(x, generator)
+        elif name == "euler":
+            y = schedule.to_native(x, i)
+            d = (y - x0) / lv[i]
+            x = schedule.from_native(y + (lv[i + 1] - lv[i]) * d, i + 1)
+        elif name == "euler_a":
+            x = _euler_ancestral(x, x0, eps, schedule, i, generator)
+        elif name == "heun":
+            y = schedule.to_native(x, i)
+            d = (y - x0) / lv[i]
+            dt = lv[i + 1] - lv[i]
+            if lv[i + 1] == 0.0 or i + 1 >= n:
+                x = schedule.from_native(y + dt * d, i + 1)
+            else:
+                x_euler = schedule.from_native(y + dt * d, i + 1)
+                x0_2, _ = denoise(x_euler, i + 1)
+                d2 = (schedule.to_native(x_euler, i + 1) - x0_2) / lv[i + 1]
+                x = schedule.from_native(y + dt * (d + d2) / 2, i + 1)
+        else:
+            x = _dpmpp_2m(x, x0, history, schedule, i)
+        if callback is not None:
+            callback(StepInfo(i, n, float(schedule.timesteps[i]), x, x0))
+    return x
+
+
+def _euler_ancestral(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: SamplingSchedule,
+    i: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    noise = _noise(x, generator)
+    a_t, s_t, a_s, s_s = (
+        float(v)
+        for v in (schedule.alphas[i], schedule.sigmas[i]) + (schedule.alphas[i + 1], schedule.sigmas[i + 1])
+    )
+    if schedule.kind == "ddpm":
+        # k-diffusion: step down to sigma_down deterministically, add sigma_up of fresh noise
+        hi, lo = float(schedule.levels[i]), float(schedule.levels[i + 1])
+        up = math.sqrt(lo * lo * (hi * hi - lo * lo) / (hi * hi))
+        down = math.sqrt(lo * lo - up * up)
+        y = schedule.to_native(x, i)
+        y = y + (down - hi) * ((y - x0) / hi) + up * noise
+        return schedule.from_native(y, i + 1)
+    # on a flow path the same step is the DDPM posterior draw (DDIM with eta = 1)
+    std = math.sqrt(_posterior(a_t, s_t, a_s, s_s))
+    return a_s * x0 + math.sqrt(max(s_s * s_s - std * std, 0.0)) * eps + std * noise
+
+
+def _dpmpp_2m(
+    x: torch.Tensor, x0: torch.Tensor, history: list[torch.Tensor], schedule: SamplingSchedule, i: int
+) -> torch.Tensor:
+    a_t, s_t = float(schedule.alphas[i + 1]), float(schedule.sigmas[i + 1])
+    a_0, s_0 = float(schedule.alphas[i]), float(schedule.sigmas[i])
+    n = schedule.steps
+    # first-order (DDIM) coefficient alpha_t (1 - e^-h), written without logs so pure-noise and
+    # clean end levels need no special case
+    phi = a_t - a_0 * s_t / s_0
+    first = i == 0 or not history
+    # the last step is first order when it lands on clean data or the run is short (< 15 steps)
+    last_low = i == n - 1 and (s_t == 0.0 or n < 15)
+    if first or last_low:
+        out = (s_t / s_0) * x + phi * x0
+    else:
+        a_1, s_1 = float(schedule.alphas[i - 1]), float(schedule.sigmas[i - 1])
+        h = _lambda(a_t, s_t) - _lambda(a_0, s_0)
+        h_0 = _lambda(a_0, s_0) - _lambda(a_1, s_1)
+        inv_r = h / h_0 if math.isfinite(h_0) else 0.0
+        out = (s_t / s_0) * x + phi * x0 + 0.5 * phi * inv_r * (x0 - history[-1])
+    history[:] = [x0]
+    return out
+
+
+def run(
+    sampler: str,
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: SamplingSchedule,
+    **options: object,
+) -> torch.Tensor:
+    """Start from ``noise`` scaled to the schedule's first level and sample (see :func:`sample`)."""
+    return sample(sampler, denoise, noise.to(torch.float32) * schedule.init_noise_scale, schedule, **options)

@@ -1,0 +1,154 @@
+"""Generating images from any model that follows the Model protocol.
+
+The one entry both ``diffcore sample`` and the training-time sampling callback use, so samples taken
+during training match final inference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcore.diffusion import objectives
+from diffcore.diffusion.guidance import classifier_free_guidance
+from diffcore.diffusion.samplers import StepCallback, run
+from diffcore.diffusion.scheduler import canonical_sampler
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """How many images a conditioning batch asks for (captions or labels)."""
+    if batch.get("captions") is not None:
+        return len(batch["captions"])
+    if batch.get("labels") is not None:
+        return len(torch.as_tensor(batch["labels"]).reshape(-1))
+    raise ValueError("the batch needs 'captions' or 'labels' to tell how many images to generate")
+
+
+def _device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.backbone.parameters()).device
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    scheduler: Any,
+    *,
+    batch: Mapping[str, Any],
+    height: int,
+    width: int,
+    steps: int = 30,
+    sampler: str = "euler",
+    guidance: float = 1.0,
+    guidance_rescale: float = 0.0,
+    seed: int = 0,
+    eta: float = 0.0,
+    karras: bool = False,
+    callback: StepCallback | None = None,
+    return_latents: bool = False,
+) -> torch.Tensor:
+    """Sample one image per batch entry; returns pixels (B, C, H, W) in [-1, 1] on the model's device.
+
+    ``guidance`` > 1 applies classifier-free guidance against ``model.null_batch(batch)`` (or is
+    passed to ``predict`` as ``guidance=`` for distilled-guidance models). ``seed`` fixes the start
+    noise and every stochastic step, independent of device. ``karras`` spaces DDPM-family levels per
+    Karras et al.; ``eta`` is DDIM's noise.
+    """
+    name = canonical_sampler(sampler)
+    was_training = model.backbone.training
+    model.backbone.eval()
+    try:
+        n = batch_size(batch)
+        down = int(getattr(model, "latent_downscale", 1))
+        if height % down or width % down:
+            raise ValueError(
+                f"height and width must be multiples of {down} for this model, got {height}x{width}"
+            )
+        shape = (n, int(model.latent_channels), height // down, width // down)
+        device = _device(model)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+        seq_len = None
+        if scheduler.kind == "flow":
+            seq_len = (
+                int(model.sequence_length(noise))
+                if hasattr(model, "sequence_length")
+                else shape[2] * shape[3]
+            )
+        karras = karras or sampler.lower() == "dpmpp_2m_karras"
+        schedule = scheduler.sampling_schedule(steps, name, seq_len=seq_len, karras=karras)
+
+        cond = model.encode_conditions(batch)
+        embedded = bool(getattr(model, "guidance_embedded", False))
+        use_cfg = not embedded and guidance != 1.0
+        uncond = model.encode_conditions(model.null_batch(batch)) if use_cfg else None
+        extra = {"guidance": torch.full((n,), float(guidance), device=device)} if embedded else {}
+        prediction_type = model.prediction_type
+
+        def denoise(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            t = torch.full((n,), float(schedule.timesteps[i]), device=device, dtype=torch.float32)
+            out = model.predict(x, t, cond, **extra).float()
+            if use_cfg:
+                out_u = model.predict(x, t, uncond, **extra).float()
+                out = classifier_free_guidance(out, out_u, guidance, guidance_rescale)
+            alpha, sigma = float(schedule.alphas[i]), float(schedule.sigmas[i])
+            return objectives.to_x0_eps(out, x, alpha, sigma, prediction_type)
+
+        latents = run(name, denoise, noise, schedule, generator=generator, eta=eta, callback=callback)
+        if return_latents:
+            return latents
+        pixels = model.decode_latents(latents.to(getattr(model, "dtype", torch.float32)))
+        return pixels.float().clamp(-1, 1)
+    finally:
+        model.backbone.train(was_training)
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """Images in [-1, 1], (B, C, H, W) with C = 1 or 3, as Pillow images."""
+    from PIL import Image
+
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out = []
+    for img in arr:
+        if img.shape[0] == 1:
+            out.append(Image.fromarray(img[0].numpy(), mode="L"))
+        else:
+            out.append(Image.fromarray(img[:3].permute(1, 2, 0).numpy(), mode="RGB"))
+    return out
+
+
+def save_png(pixels: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
+    """Write each image of a (B, C, H, W) batch in [-1, 1] as ``<prefix>-<i>.png``; returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(to_pil(pixels)):
+        path = directory / f"{prefix}-{i:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def image_grid(images: Sequence[Any] | torch.Tensor, columns: int | None = None) -> Any:
+    """Tile Pillow images (or a pixel batch in [-1, 1]) into one image, row by row."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        images = to_pil(images)
+    images = list(images)
+    if not images:
+        raise ValueError("no images to tile")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
