@@ -379,7 +379,7 @@ class LokrBranch(_WeightSpaceBranch):
         else:
             w2 = (self.lokr_w2_a @ self.lokr_w2_b).view(self.lokr_w2_a.shape[0], -1, *self.kernel)
         w1 = w1.view(*w1.shape, *(1,) * len(self.kernel))
-        return torch.kron(w1, w2)
+        return torch.kron(w1, w2.contiguous())
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")

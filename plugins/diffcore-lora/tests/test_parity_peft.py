@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyModel, TinyNet, inputs
 from diffcore_lora.adapter import NetworkAdapter
 from diffcore_lora.config import DoraConfig, LoraConfig
+from lora_tiny import TinyModel, TinyNet, inputs
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -142,7 +142,7 @@ def test_dropouts_only_in_training(tiny_model):
     adapter = NetworkAdapter(
         LoraConfig(rank=2, dropout=0.5, rank_dropout=0.5, module_dropout=0.5), kind="lora"
     )
-    from conftest import randomize
+    from lora_tiny import randomize
 
     randomize(adapter.attach(tiny_model))
     x, img = inputs()
