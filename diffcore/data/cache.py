@@ -187,6 +187,11 @@ class FeatureCache:
         seen: set[tuple[int, int]] = set()
         for i in range(len(dataset)):
             leaf, j, _ = resolve(i)
+            if not hasattr(leaf, "placements"):
+                raise UserError(
+                    f"{type(leaf).__name__} examples cannot be cached (they are not image files)",
+                    hint="remove cache_dir",
+                )
             if (id(leaf), j) in seen:
                 continue
             seen.add((id(leaf), j))
