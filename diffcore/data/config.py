@@ -71,6 +71,13 @@ class MixConfig:
     """Several datasets in one job: each entry is a dataset section (``type:`` and its options) plus
     ``weight`` (a multiplier on how many of its examples an epoch draws) and ``repeats`` (whole copies)."""
 
-    datasets: list[dict[str, Any]]
+    datasets: list[dict[str, Any]] = attrs.field()
     seed: int = 0
     cache_dir: str | None = None
+
+    @datasets.validator
+    def _check(self, attribute: attrs.Attribute, value: list[dict[str, Any]]) -> None:
+        # Structure the inner sections now, so `diffcore validate` reports their problems by path.
+        from diffcore.data.factories import check_mix
+
+        check_mix(value)
