@@ -10,7 +10,7 @@ from diffcore_sdxl.config import UNetConfig
 
 # SDXL-shaped: first level without attention, linear projections, deeper last level, text_time embedding
 SDXL_UNET = UNetConfig(
-    block_out_channels=(32, 32, 64),
+    block_out_channels=(32, 64, 128),
     attention=(False, True, True),
     transformer_layers=(1, 1, 2),
     heads=(1, 1, 2),
@@ -56,7 +56,7 @@ def tiny_tokenizer(folder: Path, pad_token: str | None = None):
 
     vocab, merges = write_tokenizer_files(folder)
     kwargs = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer(str(vocab), str(merges), **kwargs)
+    return CLIPTokenizer(str(vocab), str(merges), model_max_length=77, **kwargs)
 
 
 def tiny_clip_config(hidden: int, layers: int, projection: int, act: str = "quick_gelu"):

@@ -59,7 +59,7 @@ def test_controlnet_residuals_match_diffusers() -> None:
     chans = ours._skip_channels()
     g = torch.Generator().manual_seed(5)
     down = [torch.randn(2, c, s, s, generator=g) for c, s in zip(chans, skips)]
-    mid = torch.randn(2, 64, 4, 4, generator=g)
+    mid = torch.randn(2, cfg.block_out_channels[-1], 4, 4, generator=g)
     with torch.no_grad():
         want = ref(
             x,
