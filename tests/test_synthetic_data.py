@@ -72,3 +72,9 @@ def test_bad_options_are_user_errors():
     with pytest.raises(ConfigError, match="resolutoin"):
         build(resolutoin=32)
     assert SyntheticConfig().class_names() == ALL[:4]
+
+
+def test_classifier_defaults_to_the_default_classes():
+    ds = build(size=8)
+    pixels = torch.stack([ds[i]["pixels"] for i in range(8)])
+    assert classify(pixels).tolist() == [ds[i]["labels"] for i in range(8)]
