@@ -221,3 +221,23 @@ def test_cache_command(images, tmp_path, capsys):
     )
     assert main(["cache", str(job)]) == 2
     assert "cache_dir" in capsys.readouterr().err
+
+
+def test_image_sizes_are_remembered_between_runs(images, tmp_path, monkeypatch):
+    import diffcore.data.sizes as sizes
+
+    calls = []
+    real = sizes.probe
+    monkeypatch.setattr(
+        sizes, "probe", lambda path, decode: calls.append(path.name) or real(path, decode=decode)
+    )
+    first = folder(images, tmp_path / "cache")
+    assert len(calls) == 6
+    calls.clear()
+    draw_image(images / "3.png", 32, 128, seed=7)  # changed: checked again, and its new shape is used
+    second = folder(images, tmp_path / "cache")
+    assert calls == ["3.png"]
+    assert [p.resized for p in second.placements] != [p.resized for p in first.placements]
+    calls.clear()
+    folder(images, tmp_path / "cache", scan="decode")  # a deeper check than the remembered one
+    assert len(calls) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -13,7 +14,8 @@ import torch
 
 from diffcore.data.buckets import Bucket, Placement, bucket_grid, place
 from diffcore.data.config import ImageOptions
-from diffcore.data.images import BadImage, fit, load, probe
+from diffcore.data.images import BadImage, fit, load
+from diffcore.data.sizes import SizeMemo
 from diffcore.data.sources import Listing, Record
 from diffcore.data.transforms import Draw, draw
 from diffcore.errors import UserError
@@ -114,19 +116,25 @@ class ImageDataset:
 
     # -- checks at start -------------------------------------------------------------------------
     def _scan(self, records: list[Record]) -> list[Placement | DataProblem]:
+        cache_dir = self.options.cache_dir
+        self._sizes = SizeMemo(Path(cache_dir).expanduser() / "image-sizes.json" if cache_dir else None)
         workers = max(1, min(self.options.scan_workers, len(records)))
         if workers == 1:
-            return [self._check(r) for r in records]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(self._check, records))
+            checked = [self._check(r) for r in records]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                checked = list(pool.map(self._check, records))
+        self._sizes.save()
+        del self._sizes
+        return checked
 
     def _check(self, record: Record) -> Placement | DataProblem:
         decode = self.options.scan == "decode"
         try:
-            height, width = probe(record.image, decode=decode)
+            height, width = self._sizes.probe(record.image, decode=decode)
             for extra in (record.mask, record.control, record.reference):
                 if extra is not None:
-                    probe(extra, decode=decode)
+                    self._sizes.probe(extra, decode=decode)
         except BadImage as exc:
             return DataProblem(str(record.image), str(exc))
         opts = self.options
