@@ -105,6 +105,11 @@ class FluxModel(DiffusionModel):
         )
         return unpack(out[:, : (h // 2) * (w // 2)], h, w)
 
+    @property
+    def train_guidance(self) -> float:
+        """The distilled-guidance value the training method passes (dev only)."""
+        return self.config.guidance
+
     def sequence_length(self, latents: torch.Tensor) -> int:
         return sequence_length(latents)
 
