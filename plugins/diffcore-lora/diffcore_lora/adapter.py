@@ -194,9 +194,9 @@ class NetworkAdapter:
             if isinstance(branch, DoraBranch):
                 # W_m = W * ((1 - s) + s*m/n) + s*(m/n)*scale*dW  ->  solve for W row by row
                 shape = (-1,) + (1,) * (weight.dim() - 1)
-                ratio = (branch.magnitude.float() / branch._merge_cache).view(shape)
-                lora = branch.lora_weight().float() * branch.scale
-                old = (weight.float() - s * ratio * lora) / ((1 - s) + s * ratio)
+                ratio = (branch.magnitude.double() / branch._merge_cache.double()).view(shape)
+                lora = branch.lora_weight().double() * branch.scale
+                old = (weight.double() - s * ratio * lora) / ((1 - s) + s * ratio)
                 branch._merge_cache = None
             else:
                 old = weight.float() - s * branch.delta_weight(weight)

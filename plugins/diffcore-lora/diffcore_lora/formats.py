@@ -73,12 +73,18 @@ def peft_state_dict(targets: Sequence[Target], branches: Mapping[str, Branch]) -
         branch = _peft_branch(target, branches[target.ident])
         for name, rows in target.peft:
             up = branch.lora_up if rows is None else branch.lora_up[rows]
-            out[f"{name}.lora_A.weight"] = branch.lora_down.detach()
-            out[f"{name}.lora_B.weight"] = up.detach()
+            # clones: the parts of a fused layer must not share storage in a safetensors file
+            fused = rows is not None
+            out[f"{name}.lora_A.weight"] = (
+                branch.lora_down.detach().clone() if fused else branch.lora_down.detach()
+            )
+            out[f"{name}.lora_B.weight"] = up.detach().clone() if fused else up.detach()
             if isinstance(branch, DoraBranch):
                 m = branch.magnitude if rows is None else branch.magnitude[rows]
                 # PEFT keeps a conv magnitude as (1, out, 1, 1)
-                out[f"{name}.lora_magnitude_vector"] = (m.view(1, -1, 1, 1) if branch.is_conv else m).detach()
+                out[f"{name}.lora_magnitude_vector"] = (
+                    (m.view(1, -1, 1, 1) if branch.is_conv else m).detach().clone()
+                )
     return out
 
 
