@@ -74,9 +74,6 @@ class FluxModel(DiffusionModel):
             cond["reference_latents"] = self.encode_images(reference.to(self.device))
         return cond
 
-    def null_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return super().null_batch(batch)  # the reference image stays: Kontext guidance drops text only
-
     def predict(
         self,
         noisy_latents: torch.Tensor,
