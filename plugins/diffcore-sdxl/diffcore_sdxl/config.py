@@ -213,6 +213,8 @@ class SDConfig:
     vae: str | None = None
     #: False runs without an autoencoder (latents given directly, e.g. cached)
     autoencoder: bool = True
+    #: extra options of the autoencoder section (diffcore-vae's config keys, e.g. ``tiling``)
+    vae_options: dict[str, Any] = attrs.field(factory=dict)
     prediction_type: Literal["eps", "v"] = "eps"
     #: default training/sampling size in pixels (also the default SDXL size conditioning)
     resolution: int = 512

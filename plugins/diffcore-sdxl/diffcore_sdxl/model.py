@@ -4,6 +4,7 @@ it loads from and saves to."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ _DEFAULT_SCHEDULER = {
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
     "beta_end": 0.012,
+    "steps_offset": 1,
 }
 _PIPELINES = {
     "sdxl": "StableDiffusionXLPipeline",
@@ -187,15 +189,13 @@ class SDModel(DiffusionModel):
             state = hf_to_openclip(state)
         return {prefix + k: v for k, v in state.items()}
 
-    def _autoencoder_state(self, layout: str) -> dict[str, torch.Tensor] | None:
+    def _autoencoder_original(self) -> dict[str, torch.Tensor]:
         ae = self.autoencoder
-        export = getattr(ae, "export_state_dict", None)
-        if ae is None or export is None:
-            return None
-        state = export(layout)
-        if layout == "original":
-            state = {k if k.startswith(VAE_PREFIX) else VAE_PREFIX + k: v for k, v in state.items()}
-        return state
+        if ae is None or not hasattr(ae, "save"):
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            file = ae.save(Path(tmp) / "vae.safetensors", "original")
+            return {VAE_PREFIX + k: v.clone() for k, v in Checkpoint(file).items()}
 
     def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
         """Save the whole model: a diffusers pipeline folder, or (``original``) one single
@@ -207,7 +207,7 @@ class SDModel(DiffusionModel):
             tensors = self.export_state_dict("original")
             for slot in self.frozen:
                 tensors.update(self._text_state(slot))
-            tensors.update(self._autoencoder_state("original") or {})
+            tensors.update(self._autoencoder_original())
             meta = {"diffcore.family": self.family}
             if self.family == "sd21":
                 meta[loading.SD2_LAYERS_KEY] = str(self.frozen["te1"].config.num_hidden_layers)
@@ -236,13 +236,9 @@ class SDModel(DiffusionModel):
             self.tokenizers[slot].save_pretrained(str(path / f"tokenizer{name}"))
             index[f"text_encoder{name}"] = ["transformers", type(encoder).__name__]
             index[f"tokenizer{name}"] = ["transformers", "CLIPTokenizer"]
-        vae = self._autoencoder_state("diffusers")
-        if vae is not None:
-            save_safetensors(vae, path / "vae" / "diffusion_pytorch_model.safetensors")
-            if hasattr(self.autoencoder, "diffusers_config"):
-                (path / "vae" / "config.json").write_text(
-                    json.dumps(self.autoencoder.diffusers_config(), indent=2)
-                )
+        if self.autoencoder is not None and hasattr(self.autoencoder, "save"):
+            self.autoencoder.save(path / "vae", "diffusers")
+            index["vae"] = ["diffusers", "AutoencoderKL"]
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         return path
@@ -324,5 +320,9 @@ def build_model(config: SDConfig) -> SDModel:
     autoencoder = None
     if config.autoencoder:
         vae_source = config.vae or config.pretrained
-        autoencoder = diffcore.load_autoencoder("sdxl" if family == "sdxl" else "sd", pretrained=vae_source)
+        autoencoder = diffcore.load_autoencoder(
+            "sdxl" if family == "sdxl" else "sd",
+            pretrained=vae_source,
+            **{"dtype": config.dtype, **config.vae_options},
+        )
     return SDModel(config, unet, encoders, tokenizers, autoencoder)
