@@ -1,0 +1,361 @@
+"""``diffcore sample``: images from a job's output (final weights or a checkpoint) or a pretrained model.
+
+Generation goes through :func:`diffcore.sampling.generate`, the code the training-time sample callback
+uses, so the images match what training showed.
+
+Trained weights: ``adapter.safetensors`` is loaded through the job's adapter section (built,
+attached, ``load``); ``model.safetensors`` (the backbone in the model's export layout) through the
+model's optional ``load_exported(tensors)`` when it has one, else by key: directly when the keys are
+the backbone's own, or by the one-to-one renaming ``export_state_dict`` reveals.
+
+Extra ``--adapter FILE[:strength]`` files are applied with the adapter component's
+``from_file(model, path, strength)`` when it offers one (diffcore-lora does: ranks and kinds come
+from the file), else by building the component, ``attach`` and ``load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from diffcore.errors import UserError
+
+SAMPLERS_HELP = (
+    "ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras (flow models: euler = flow Euler)"
+)
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``diffcore sample``."""
+    src = parser.add_argument_group("what to sample from (one of)")
+    src.add_argument(
+        "--model", metavar="TYPE", help="a model type (see `diffcore plugins`), with --pretrained"
+    )
+    src.add_argument(
+        "--pretrained", metavar="PATH", help="diffusers folder or single-file checkpoint for --model"
+    )
+    src.add_argument(
+        "--model-option",
+        dest="model_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another model config key for --model (repeatable)",
+    )
+    src.add_argument("--job", metavar="JOB.yaml", help="a job file; samples its output_dir's weights")
+    src.add_argument("--from", dest="from_dir", metavar="OUTPUT_DIR", help="a job's output directory")
+    src.add_argument(
+        "--checkpoint",
+        default="final",
+        metavar="final|step-N|latest",
+        help="which weights of the job's output (default final)",
+    )
+    gen = parser.add_argument_group("what to generate")
+    gen.add_argument("--prompt", dest="prompts", action="append", default=[], help="a caption (repeatable)")
+    gen.add_argument(
+        "--label", dest="labels", action="append", type=int, default=[], help="a class (repeatable)"
+    )
+    gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
+    gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    gen.add_argument("--sampler", default="euler", help=SAMPLERS_HELP)
+    gen.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default 4.0; 1 turns CFG off)"
+    )
+    gen.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale in [0, 1] (default 0)")
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed; one seed gives the same images (default 0)")
+    gen.add_argument(
+        "--height", type=int, default=None, help="pixels (default: the job's resolution, else 512)"
+    )
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the height)")
+    gen.add_argument("--batch-size", type=int, default=4, help="images generated at once (default 4)")
+    gen.add_argument(
+        "--scheduler", default=None, metavar="TYPE", help="override the scheduler type (ddpm, flow)"
+    )
+    out = parser.add_argument_group("where")
+    out.add_argument(
+        "--out", default=None, metavar="DIR", help="output folder (default: OUTPUT_DIR/samples/cli)"
+    )
+    out.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="apply a saved adapter (repeatable)",
+    )
+    out.add_argument(
+        "--adapter-type", default="lora", help="adapter component that reads --adapter files (lora)"
+    )
+    out.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    out.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="backbone dtype"
+    )
+    out.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+
+
+def _parse_adapter(spec: str) -> tuple[Path, float]:
+    # a Windows drive letter or a path with ':' keeps its colon unless the tail is a number
+    match = re.match(r"^(.*):([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)$", spec)
+    path, strength = (match.group(1), float(match.group(2))) if match else (spec, 1.0)
+    if not Path(path).is_file():
+        raise UserError(
+            f"adapter file {path!r} not found", where="--adapter", hint="give FILE or FILE:STRENGTH"
+        )
+    return Path(path), strength
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"expected KEY=VALUE, got {text!r}", where="--model-option")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    sources = [name for name in ("model", "job", "from_dir") if getattr(args, name)]
+    if len(sources) != 1:
+        raise UserError(
+            "give exactly one of --model TYPE, --job JOB.yaml or --from OUTPUT_DIR"
+            + (f" (got {', '.join('--' + s.replace('_dir', '') for s in sources)})" if sources else ""),
+            where="diffcore sample",
+        )
+    if args.pretrained and not args.model:
+        raise UserError("--pretrained goes with --model TYPE", where="--pretrained")
+    if not args.prompts and not args.labels:
+        raise UserError(
+            "nothing to generate", where="diffcore sample", hint="give --prompt TEXT or --label N"
+        )
+    if args.prompts and args.labels and len(args.prompts) != len(args.labels):
+        raise UserError(
+            f"{len(args.prompts)} prompts but {len(args.labels)} labels",
+            where="--label",
+            hint="give one label per prompt, or only one of the two",
+        )
+    for name in ("count", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(
+                f"must be at least 1, got {getattr(args, name)}", where=f"--{name.replace('_', '-')}"
+            )
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UserError(f"must be in [0, 1], got {args.guidance_rescale}", where="--guidance-rescale")
+    from diffcore.diffusion.scheduler import canonical_sampler
+
+    try:
+        canonical_sampler(args.sampler)
+    except ValueError as exc:
+        raise UserError(str(exc), where="--sampler") from None
+
+
+def _weights_dir(output_dir: Path, checkpoint: str) -> Path:
+    if checkpoint == "final":
+        folder = output_dir / "final"
+    elif checkpoint == "latest":
+        steps = sorted(
+            (int(p.name[5:]), p) for p in (output_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()
+        )
+        if not steps:
+            raise UserError("no checkpoints yet", where=str(output_dir / "checkpoints"))
+        folder = steps[-1][1]
+    else:
+        name = checkpoint if checkpoint.startswith("step-") else f"step-{checkpoint}"
+        folder = output_dir / "checkpoints" / name
+    if not folder.is_dir():
+        have = sorted(p.name for p in (output_dir / "checkpoints").glob("step-*"))
+        have = (["final"] if (output_dir / "final").is_dir() else []) + have
+        raise UserError(
+            f"no weights folder {folder}",
+            where="--checkpoint",
+            hint=f"available: {', '.join(have)}" if have else "has the job saved anything yet?",
+        )
+    return folder
+
+
+def _load_backbone(model: Any, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from diffcore.weights import load_into
+
+    tensors = load_file(str(path))
+    loader = getattr(model, "load_exported", None)
+    if loader is not None:
+        loader(tensors)
+        return
+    backbone = model.backbone
+    own = backbone.state_dict()
+    if set(tensors) == set(own):
+        load_into(
+            backbone, tensors, where=str(path), device=model.device if hasattr(model, "device") else "cpu"
+        )
+        return
+    # an export that only renames: match exported keys to parameters by shared storage
+    rename: dict[str, str] = {}
+    export = getattr(model, "export_state_dict", None)
+    if export is not None:
+        by_ptr = {v.data_ptr(): k for k, v in own.items() if isinstance(v, torch.Tensor) and v.numel()}
+        for key, value in export("diffusers").items():
+            name = by_ptr.get(value.data_ptr())
+            if name is not None:
+                rename[key] = name
+    if set(rename) != set(tensors):
+        raise UserError(
+            "the saved model weights do not map onto this model's backbone",
+            where=str(path),
+            hint="the model plugin needs load_exported(tensors) for its export layout",
+        )
+    load_into(
+        backbone, tensors, where=str(path), rename=rename.get, device=next(backbone.parameters()).device
+    )
+
+
+def _apply_adapter_file(model: Any, adapter_type: str, path: Path, strength: float) -> Any:
+    from diffcore.api import build_component
+
+    adapter = build_component("adapter", adapter_type, {})
+    from_file = getattr(type(adapter), "from_file", None)
+    if from_file is not None:
+        return from_file(model, path, strength)
+    adapter.attach(model)
+    adapter.load(path)
+    if hasattr(adapter, "set_strength"):
+        adapter.set_strength(strength)
+    return adapter
+
+
+def _device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Path | None, int | None]:
+    """(model, scheduler, output_dir or None, default resolution or None) for the parsed options."""
+    from diffcore.api import build_component, component_config
+
+    job = None
+    output_dir = None
+    if args.from_dir:
+        output_dir = Path(args.from_dir)
+        job_file = output_dir / "job.yaml"
+        if not job_file.is_file():
+            raise UserError(f"no job.yaml in {output_dir}", where="--from", hint="give a job's output_dir")
+        from diffcore.config.job import load_job
+
+        job = load_job(job_file)
+    elif args.job:
+        from diffcore.config.job import load_job
+
+        job = load_job(args.job)
+        output_dir = Path(job.output_dir)
+    resolution = None
+    if job is not None:
+        model = build_component("model", job.model.type, job.model.config)
+        res = getattr(job.data.config, "resolution", None)
+        resolution = int(res) if isinstance(res, int) else None
+        sched_type, sched_options = (
+            (job.scheduler.type, job.scheduler.config) if job.scheduler is not None else (None, None)
+        )
+    else:
+        options = dict(_parse_option(o) for o in args.model_options)
+        if args.pretrained:
+            if not Path(args.pretrained).exists():
+                raise UserError(f"{args.pretrained} does not exist", where="--pretrained")
+            options["pretrained"] = str(args.pretrained)
+        model = build_component(
+            "model", args.model, component_config("model", args.model, options, where="--model")
+        )
+        sched_type, sched_options = None, None
+    if sched_type is None or args.scheduler:
+        # the model's default scheduler (what training used when the job named none), or --scheduler
+        default = dict(getattr(model, "default_scheduler", None) or {"type": "ddpm"})
+        default_type = default.pop("type", "ddpm")
+        sched_type = args.scheduler or default_type
+        options = default if sched_type == default_type else {}
+        sched_options = component_config("scheduler", sched_type, options, where="--scheduler")
+    scheduler = build_component("scheduler", sched_type, sched_options)
+
+    if job is not None:
+        folder = _weights_dir(output_dir, args.checkpoint)
+        if (folder / "adapter.safetensors").is_file():
+            if job.adapter is None:
+                raise UserError(
+                    "the weights are an adapter but the job has no adapter section", where=str(folder)
+                )
+            adapter = build_component("adapter", job.adapter.type, job.adapter.config)
+            adapter.attach(model)
+            adapter.load(folder / "adapter.safetensors")
+        elif (folder / "model.safetensors").is_file():
+            _load_backbone(model, folder / "model.safetensors")
+        else:
+            raise UserError("neither model.safetensors nor adapter.safetensors here", where=str(folder))
+    for spec in args.adapters:
+        path, strength = _parse_adapter(spec)
+        _apply_adapter_file(model, args.adapter_type, path, strength)
+    return model, scheduler, output_dir, resolution
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """Run ``diffcore sample``: write PNGs (and grid.png) and print where."""
+    _check_args(args)
+    import torch
+
+    from diffcore.sampling import generate, image_grid, save_png
+
+    model, scheduler, output_dir, resolution = load_for_sampling(args)
+    device = _device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype or ""
+    )
+    if hasattr(model, "to"):
+        model.to(device, dtype) if dtype is not None else model.to(device)
+    height = args.height or resolution or 512
+    width = args.width or height
+
+    n = max(len(args.prompts), len(args.labels))
+    entries = [(i, j) for i in range(n) for j in range(args.count)]
+    out_dir = (
+        Path(args.out) if args.out else (output_dir / "samples" / "cli" if output_dir else Path("samples"))
+    )
+    guidance = 4.0 if args.guidance is None else args.guidance
+    images = []
+    for chunk_index, start in enumerate(range(0, len(entries), args.batch_size)):
+        chunk = entries[start : start + args.batch_size]
+        batch: dict[str, Any] = {}
+        if args.prompts:
+            batch["captions"] = [args.prompts[i] for i, _ in chunk]
+        if args.labels:
+            batch["labels"] = torch.tensor([args.labels[i] for i, _ in chunk], device=device)
+        try:
+            pixels = generate(
+                model,
+                scheduler,
+                batch=batch,
+                height=height,
+                width=width,
+                steps=args.steps,
+                sampler=args.sampler,
+                guidance=guidance,
+                guidance_rescale=args.guidance_rescale,
+                seed=args.seed + chunk_index,
+                eta=args.eta,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc), where="diffcore sample") from None
+        images.append(pixels.cpu())
+    pixels = torch.cat(images)
+    paths = save_png(pixels, out_dir)
+    if not args.no_grid:
+        image_grid(pixels, columns=args.count if args.count > 1 else None).save(out_dir / "grid.png")
+    print(f"diffcore sample: {len(paths)} images in {out_dir}", flush=True)
+    return 0
