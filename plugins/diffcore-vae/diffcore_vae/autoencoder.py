@@ -72,6 +72,13 @@ class Autoencoder:
     ) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> normalised latents; ``sample`` defaults to the config's."""
         sample = self.config.sample if sample is None else sample
+        self._check_input(pixels, self.config.in_channels, "pixels")
+        if self._flux2 and (pixels.shape[-2] % self.downscale or pixels.shape[-1] % self.downscale):
+            raise UserError(
+                f"image size {tuple(pixels.shape[-2:])} is not a multiple of {self.downscale}",
+                where="pixels",
+                hint="Flux.2 latents are patchified 2x2; crop or resize the image",
+            )
         x = pixels.to(device=self.device, dtype=self.dtype)
         moments = self._run(self.module.moments, x, Fraction(1, self.module.downscale))
         mean, logvar = moments.chunk(2, dim=1)
@@ -86,9 +93,18 @@ class Autoencoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels in [-1, 1] (not clamped)."""
+        self._check_input(latents, self.latent_channels, "latents")
         z = self._denormalize(latents.to(device=self.device, dtype=self.dtype))
         out = self._run(self.module.reconstruct, z, Fraction(self.module.downscale))
         return out.to(latents.dtype)
+
+    @staticmethod
+    def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise UserError(
+                f"expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}",
+                where=what,
+            )
 
     def _run(self, fn, x: torch.Tensor, scale: Fraction) -> torch.Tensor:
         cfg, down = self.config, self.module.downscale

@@ -131,3 +131,15 @@ def test_bad_options_are_user_errors(tmp_path):
         ae.save(tmp_path / "folder", layout="original")
     with pytest.raises(UserError, match="unknown layout"):
         ae.save(tmp_path / "x.safetensors", layout="kohya")
+
+
+def test_wrong_input_shapes_are_user_errors():
+    ae = diffcore.load_autoencoder(
+        "flux2", block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8
+    )
+    with pytest.raises(UserError, match=r"pixels of shape \(batch, 3, height, width\)"):
+        ae.encode(torch.zeros(1, 4, 16, 16))
+    with pytest.raises(UserError, match="not a multiple of 4"):
+        ae.encode(torch.zeros(1, 3, 18, 16))
+    with pytest.raises(UserError, match=r"latents of shape \(batch, 128"):
+        ae.decode(torch.zeros(1, 32, 4, 4))
