@@ -95,10 +95,21 @@ def candidates(model: Any, components: Iterable[str], *, peft_override: str | No
                 if kohya is None:
                     continue
             else:
-                kohya = f"lora_{component}_" + path.replace(".", "_")
+                # kohya files use the published names; PEFT files the module paths PEFT injects by
+                kohya = f"lora_{component}_" + _published_text_path(root, path).replace(".", "_")
                 peft = [(f"{TEXT_ENCODER_PREFIX.get(component, component)}.{path}", None)]
             out.append(Target(component, path, layer, kohya, peft))
     return out
+
+
+def _published_text_path(encoder: nn.Module, path: str) -> str:
+    # transformers 5 dropped the ``text_model.`` level from CLIPTextModel's module names; files (kohya,
+    # diffusers) keep the published ``text_model.*`` names that CLIPTextModelWithProjection still has.
+    if type(encoder).__name__.startswith("CLIPText") and not path.startswith(
+        ("text_model.", "text_projection")
+    ):
+        return "text_model." + path
+    return path
 
 
 def components_of(model: Any, text_encoders: bool | list[str]) -> list[str]:
