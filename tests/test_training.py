@@ -154,3 +154,35 @@ def test_gradient_accumulation_and_ema(tmp_path):
     assert any(not torch.equal(ema[k], model[k]) for k in ema)
     state = json.loads((out / "checkpoints/step-2/trainer.json").read_text())
     assert state["sampler"]["position"] == 4  # two micro-batches per step
+
+
+def test_training_from_the_latent_cache(tmp_path, monkeypatch):
+    """A folder dataset with cache_dir: the first run fills the cache, a second run reads it and
+    never encodes an image again, and both train on the same values."""
+    from PIL import Image
+
+    for label, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+        folder = tmp_path / "images" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (64, 64), tuple(min(255, c + 10 * i) for c in colour)).save(folder / f"{i}.png")
+    data = {"type": "folder", "path": str(tmp_path / "images"), "resolution": 64, "cache_dir": str(tmp_path / "cache")}
+    model = {"type": "example-tiny", "width": 16, "num_classes": 2}
+    def job(out):
+        j = tiny_job(out, model=model, method={"type": "diffusion"}, train={"steps": 2})
+        j["data"] = data
+        return j
+
+    first = tmp_path / "first"
+    train(job(first))
+    assert any((tmp_path / "cache" / "latents").glob("*.safetensors"))
+
+    from diffcore_example.model import TinyModel
+
+    def no_encoding(self, pixels):
+        raise AssertionError("the cache is complete: nothing may be encoded")
+
+    monkeypatch.setattr(TinyModel, "encode_images", no_encoding)
+    second = tmp_path / "second"
+    train(job(second))
+    assert_same(weights(first / "final/model.safetensors"), weights(second / "final/model.safetensors"))

@@ -85,12 +85,19 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
         _write_text_atomic(out / "job.yaml", dump_job(job))
     barrier()
 
-    model = build_component("model", job.model.type, job.model.config)
+    dataset = build_component("dataset", job.data.type, job.data.config)
+    cache = _open_cache(job, dataset)
+    model_config = job.model.config
+    if cache is not None and cache.complete and hasattr(model_config, "load_encoders"):
+        # everything the encoders would compute is on disk: do not load them at all
+        model_config = attrs.evolve(model_config, load_encoders=False)
+    model = build_component("model", job.model.type, model_config)
     sched_section = scheduler_section(job, model)
     scheduler = build_component("scheduler", sched_section.type, sched_section.config)
-    dataset = build_component("dataset", job.data.type, job.data.config)
     method = build_component("method", job.method.type, job.method.config)
     model.to(dist.device)
+    if cache is not None:
+        dataset = _fill_cache(cache, job, dataset, model, dist.rank)
     if job.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
 
@@ -167,6 +174,24 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
         save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors")
     barrier()
     return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
+
+
+def _open_cache(job: Job, dataset: Any) -> Any:
+    if not getattr(dataset, "cache_dir", None):
+        return None
+    from diffcore.data.cache import FeatureCache, encoder_id_for_job
+
+    return FeatureCache(dataset, dataset.cache_dir, encoder_id_for_job(job))
+
+
+def _fill_cache(cache: Any, job: Job, dataset: Any, model: Any, rank: int) -> Any:
+    """Encode what the cache lacks (rank 0; the others wait and re-read), then train from it."""
+    if not cache.complete:
+        if rank == 0:
+            cache.build(model, batch_size=job.train.batch_size, progress=True)
+        barrier()
+        cache = _open_cache(job, dataset)
+    return cache.wrap(dataset)
 
 
 def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:

@@ -1,0 +1,59 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s quickstart`, `nox -s bench`.
+
+Every session installs torch pinned to 2.13.0 first (an unpinned torch pulls gigabytes of CUDA
+wheels), then diffcore and every package under plugins/ and contrib/ in editable mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "venv"
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"
+
+
+def packages() -> list[str]:
+    found = sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))
+    found += sorted(p.parent for p in ROOT.glob("contrib/*/pyproject.toml"))
+    return [str(p.relative_to(ROOT)) for p in found]
+
+
+def install(session: nox.Session, extras: str = "", only: list[str] | None = None) -> None:
+    session.install(TORCH)
+    session.install("-e", f".{extras}")
+    for pkg in only if only is not None else packages():
+        session.install("-e", pkg)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The kernel's and every plugin's tests (slow ones included; `-- -m "not slow"` to skip them)."""
+    install(session, "[test]")
+    targets = ["tests"] + [f"{p}/tests" for p in packages() if (ROOT / p / "tests").is_dir()]
+    session.run("pytest", "-q", *targets, *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def quickstart(session: nox.Session) -> None:
+    """Install what the main job needs and train it: a class-conditional DiT on synthetic shapes."""
+    install(session, only=["plugins/diffcore-dit"])
+    session.run("diffcore", "run", "examples/quickstart.yaml", *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed and memory side by side with the references, each in one run."""
+    install(session, "[test]")
+    for script in sorted(ROOT.glob("benchmarks/*.py")):
+        session.run("python", str(script.relative_to(ROOT)), *session.posargs, env={"DS_ACCELERATOR": "cpu"})
