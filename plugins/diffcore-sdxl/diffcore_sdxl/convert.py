@@ -126,6 +126,7 @@ def openclip_to_hf(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """OpenCLIP text-tower tensors (prefix removed) -> HF ``CLIPTextModel(WithProjection)`` tensors.
 
+    The fused ``attn.in_proj_weight``/``_bias`` (no ``.weight`` suffix) is split into q, k, v.
     Layers from ``num_layers`` on are dropped: SD2 uses the penultimate of 24 layers, which the
     23-layer HF model reproduces. ``logit_scale`` and the causal-mask buffer have no HF counterpart.
     """
@@ -139,8 +140,6 @@ def openclip_to_hf(
             if layer >= num_layers:
                 continue
             base = f"text_model.encoder.layers.{layer}."
-            if module == "attn" and key.endswith(("in_proj_weight", "in_proj_bias")):
-                continue  # (handled below: the fused projection has no ``.weight`` suffix)
             yield base + _OPENCLIP_LAYER.get(module, module) + "." + leaf, value
         elif (m := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)) is not None:
             layer, leaf = int(m.group(1)), m.group(2)

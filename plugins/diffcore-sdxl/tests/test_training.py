@@ -43,6 +43,7 @@ def test_train_then_sample(tmp_path: Path) -> None:
         block_out_channels=[8, 8],
         down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2,
+        scaling_factor=0.13025,  # SDXL's, which a single file implies
         layers_per_block=1,
         norm_num_groups=4,
         latent_channels=4,
