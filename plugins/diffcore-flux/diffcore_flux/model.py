@@ -58,13 +58,31 @@ class FluxModel(DiffusionModel):
         else:  # schnell is timestep-distilled on unshifted sigmas
             self.default_scheduler = {"type": "flow", "shift": 1.0}
 
+    # -- latents ---------------------------------------------------------------------------------
+    def _require_autoencoder(self) -> None:
+        # Without it encode_images would pass pixels through as if they were latents.
+        if self.autoencoder is None:
+            raise UserError(
+                "this Flux model has no autoencoder loaded",
+                where="$.model.vae",
+                hint="set vae to BFL's ae.safetensors or a diffusers vae/ folder (or pretrained to a pipeline folder)",
+            )
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._require_autoencoder()
+        return super().encode_images(pixels)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        self._require_autoencoder()
+        return super().decode_latents(latents)
+
     # -- conditioning ----------------------------------------------------------------------------
     def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.text is None:
             raise UserError(
                 "this Flux model has no text encoders loaded",
                 where="$.model",
-                hint="set pretrained or text_encoder*",
+                hint="set pretrained to a diffusers Flux folder, or text_encoder, text_encoder_2, tokenizer, tokenizer_2",
             )
         captions = batch["captions"]
         txt, pooled = self.text.encode([captions] if isinstance(captions, str) else list(captions))

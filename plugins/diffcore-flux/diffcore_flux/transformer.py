@@ -57,12 +57,23 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(head_dim, eps=1e-6)
 
 
+def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    # The fused op (float32 statistics inside) keeps only its input and the inverse RMS for backward.
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def _split_qkv(
-    qkv: torch.Tensor, heads: int, norm: QKNorm
+    qkv: torch.Tensor, heads: int, norm: QKNorm, *, own_qk: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D), q and k RMS-normed per head."""
+    """(B, L, 3*H*D) -> q, k, v each (B, H, L, D), q and k RMS-normed per head.
+
+    ``own_qk`` norms copies of q and k, so that when v is copied on anyway (the double blocks
+    concatenate it with the other stream) backward does not keep the whole fused output alive.
+    """
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
-    return norm.query_norm(q).to(v.dtype), norm.key_norm(k).to(v.dtype), v
+    if own_qk:
+        q, k = q.contiguous(), k.contiguous()
+    return _rms(norm.query_norm, q), _rms(norm.key_norm, k), v
 
 
 def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -121,7 +132,7 @@ class DoubleStreamBlock(nn.Module):
     @staticmethod
     def _qkv(attn: SelfAttention, normed: torch.Tensor, mod: tuple[torch.Tensor, ...]):
         shift, scale = mod[0], mod[1]
-        return _split_qkv(attn.qkv(modulate(normed, shift, scale)), attn.heads, attn.norm)
+        return _split_qkv(attn.qkv(modulate(normed, shift, scale)), attn.heads, attn.norm, own_qk=True)
 
     @staticmethod
     def _residual(x, attn_out, mod, attn: SelfAttention, norm2: nn.Module, mlp: nn.Module) -> torch.Tensor:

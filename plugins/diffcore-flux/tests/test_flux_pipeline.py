@@ -130,3 +130,14 @@ def test_kontext_reference_pixels_go_through_the_autoencoder(tmp_path):
         assert cond["reference_latents"].shape == (2, LATENT_CHANNELS, 8, 12)
         out = model.predict(torch.randn(2, LATENT_CHANNELS, 8, 8), torch.tensor([0.5, 0.5]), cond)
     assert out.shape == (2, LATENT_CHANNELS, 8, 8)
+
+
+def test_frozen_parts_load_in_bfloat16(tmp_path):
+    write_pipeline(tmp_path, guidance=True)
+    model = diffcore.load_model("flux", pretrained=tmp_path, axes_dim=AXES, frozen_dtype="bfloat16")
+    assert model.dtype == torch.float32
+    assert {next(m.parameters()).dtype for m in model.frozen.values()} == {torch.bfloat16}
+    with torch.no_grad():
+        cond = model.encode_conditions({"captions": CAPTIONS})
+        out = model.predict(torch.randn(2, LATENT_CHANNELS, 4, 4), torch.tensor([0.5, 0.5]), cond)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -106,6 +106,11 @@ def test_original_layout_uses_bfl_names(tmp_path):
     again = diffcore.load_model("flux", pretrained=tmp_path / "comfy.safetensors", axes_dim=AXES)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(again.backbone.state_dict()[k], v)
+    # A lone transformer file converts and exports, but cannot encode captions or pixels.
+    with pytest.raises(UserError, match="no text encoders loaded.*text_encoder_2"):
+        again.encode_conditions({"captions": ["a cat"]})
+    with pytest.raises(UserError, match="no autoencoder loaded"):
+        again.encode_images(torch.zeros(1, 3, 16, 16))
 
 
 def test_variant_mismatch_is_a_user_error(tmp_path):
