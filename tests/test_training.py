@@ -186,3 +186,21 @@ def test_training_from_the_latent_cache(tmp_path, monkeypatch):
     second = tmp_path / "second"
     train(job(second))
     assert_same(weights(first / "final/model.safetensors"), weights(second / "final/model.safetensors"))
+
+
+def test_sampling_callbacks_write_images_and_quality(tmp_path):
+    out = tmp_path / "run"
+    callbacks = [
+        {"type": "progress", "enabled": False},
+        {"type": "sample", "every": 2, "labels": [0, 3], "count": 2, "steps": 4, "sampler": "ddim", "guidance": 2.0},
+        {"type": "class_agreement", "per_class": 2, "steps": 4},
+    ]
+    train(tiny_job(out, callbacks=callbacks, train={"steps": 2, "ema_decay": 0.9}))
+    pngs = sorted(p.name for p in (out / "samples" / "step-2").iterdir())
+    assert pngs == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png", "sample-003.png"]
+    from PIL import Image
+
+    assert Image.open(out / "samples" / "step-2" / "sample-000.png").size == (8, 8)
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["samples"] == 8 and 0.0 <= quality["class_agreement"] <= 1.0
+    assert (out / "samples" / "final" / "grid-red-circle.png").is_file()

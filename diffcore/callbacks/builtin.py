@@ -143,7 +143,6 @@ class SampleCallback(Callback):
             self.render(ctx)
 
     def render(self, ctx: Any) -> Path | None:
-        from diffcore.images import save_images
         from diffcore.sampling import generate
 
         batch = _sample_batch(self.config)
@@ -163,8 +162,15 @@ class SampleCallback(Callback):
         )
         folder = ctx.output_dir / "samples" / f"step-{ctx.step}"
         if ctx.is_main:
-            save_images(pixels, folder)
+            _save(pixels, folder, "sample", "grid.png")
         return folder
+
+
+def _save(pixels: Any, folder: Path, prefix: str, grid_name: str) -> None:
+    from diffcore.sampling import image_grid, save_png
+
+    save_png(pixels, folder, prefix=prefix)
+    image_grid(pixels).save(folder / grid_name)
 
 
 def _default_size(ctx: Any) -> int:
@@ -173,7 +179,8 @@ def _default_size(ctx: Any) -> int:
 
 
 def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
-    """Generate with the training model in eval mode, under the weights ZeRO-3 may have partitioned."""
+    """Generate with the training model in eval mode (with the EMA weights when there is an EMA),
+    gathering the weights ZeRO-3 partitioned."""
     import contextlib
 
     import torch
@@ -186,8 +193,9 @@ def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None)
+    weights = ctx.ema.applied() if ctx.ema is not None else contextlib.nullcontext()
     try:
-        with gather, torch.no_grad():
+        with gather, weights, torch.no_grad():
             return generate(ctx.model, ctx.scheduler, **kwargs)
     finally:
         backbone.train(was_training)
@@ -204,7 +212,6 @@ class ClassAgreementCallback(Callback):
         import torch
 
         from diffcore.data.synthetic import classify
-        from diffcore.images import save_images
         from diffcore.sampling import generate
 
         names = list(getattr(ctx.dataset, "class_names", []))
@@ -232,7 +239,7 @@ class ClassAgreementCallback(Callback):
         if ctx.is_main:
             folder = ctx.output_dir / "samples" / "final"
             for i, name in enumerate(names):
-                save_images(pixels[i * n : (i + 1) * n], folder, prefix=name, grid_name=f"grid-{name}.png")
+                _save(pixels[i * n : (i + 1) * n], folder, name.replace(" ", "-"), f"grid-{name.replace(' ', '-')}.png")
             (ctx.output_dir / "quality.json").write_text(json.dumps(self.result, indent=2))
             print(
                 f"quality: class agreement {score:.3f} over {labels.numel()} samples "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -23,3 +26,17 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, n in enumerate(self.names):
             self.shadow[i].copy_(state[n])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the model for the duration (evaluation, sampling), then the live ones back."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
