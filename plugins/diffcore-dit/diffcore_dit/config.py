@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -47,6 +47,8 @@ class DiTConfig:
     #: latent space: the autoencoder family ("sd", "sdxl", "flux"...) from diffcore-vae; None = pixels
     autoencoder: str | None = None
     autoencoder_pretrained: str | None = None
+    #: further options of that autoencoder family's config (dtype, tiling, or shapes for a random one)
+    autoencoder_options: dict[str, Any] = attrs.Factory(dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
 

@@ -27,7 +27,9 @@ def build_model(config: DiTConfig) -> DiTModel:
     latent_channels = None
     if config.autoencoder is not None:
         # latent space: the autoencoder family comes from diffcore-vae through the kernel's registry
-        autoencoder = diffcore.load_autoencoder(config.autoencoder, pretrained=config.autoencoder_pretrained)
+        autoencoder = diffcore.load_autoencoder(
+            config.autoencoder, pretrained=config.autoencoder_pretrained, **config.autoencoder_options
+        )
         latent_channels = autoencoder.latent_channels
     if config.pretrained is not None:
         backbone = load_backbone(config.pretrained, config, dtype)

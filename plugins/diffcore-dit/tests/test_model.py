@@ -1,0 +1,139 @@
+"""The dit model object: configuration, the model protocol, training knobs and latent space."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffcore_dit.config import DiTConfig, arch_from_config
+
+import diffcore
+from diffcore.errors import ConfigError, UserError
+
+TINY = dict(hidden_size=32, depth=2, num_heads=2, patch_size=4, in_channels=3, input_size=16, num_classes=4)
+
+
+def test_plugin_entry_point_does_not_import_torch():
+    code = "import sys, diffcore_dit.plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("S/2", (384, 12, 6, 2)),
+        ("B/4", (768, 12, 12, 4)),
+        ("L/8", (1024, 24, 16, 8)),
+        ("XL/2", (1152, 28, 16, 2)),
+    ],
+)
+def test_size_presets(size, expected):
+    arch = arch_from_config(DiTConfig(size=size, input_size=32))
+    assert (arch.hidden_size, arch.depth, arch.num_heads, arch.patch_size) == expected
+    assert arch.mlp_hidden == 4 * arch.hidden_size
+
+
+def test_free_fields_override_the_preset():
+    arch = arch_from_config(DiTConfig(size="S/2", depth=3, mlp_ratio=2.0))
+    assert (arch.hidden_size, arch.depth, arch.mlp_hidden) == (384, 3, 768)
+
+
+def test_shape_errors_are_user_errors():
+    with pytest.raises(UserError, match="unknown DiT size 'M/2'"):
+        arch_from_config(DiTConfig(size="M/2"))
+    with pytest.raises(UserError, match="missing num_heads"):
+        arch_from_config(DiTConfig(hidden_size=64, depth=2, patch_size=2))
+    with pytest.raises(UserError, match="not divisible by patch_size 8"):
+        arch_from_config(DiTConfig(size="S/8", input_size=12))
+    with pytest.raises(ConfigError, match="prediction_type"):
+        diffcore.load_model("dit", prediction_type="x1", **TINY)
+
+
+def test_random_model_starts_at_zero_output_and_has_the_null_class():
+    model = diffcore.load_model("dit", **TINY)
+    assert model.null_label == 4 and model.latent_channels == 3 and model.latent_downscale == 1
+    x = torch.randn(2, 3, 16, 16)
+    labels = model.encode_conditions(model.null_batch({"labels": torch.tensor([0, 3])}))
+    assert labels.tolist() == [4, 4]
+    # adaLN-Zero: the output layer starts at zero
+    assert torch.count_nonzero(model.predict(x, torch.tensor([10.0, 900.0]), labels)) == 0
+
+
+def test_labels_are_checked():
+    model = diffcore.load_model("dit", **TINY)
+    with pytest.raises(UserError, match="no labels"):
+        model.encode_conditions({"captions": ["a red circle"]})
+    with pytest.raises(UserError, match=r"labels must lie in \[0, 4\]"):
+        model.encode_conditions({"labels": [0, 7]})
+
+
+def test_trains_and_other_resolutions_and_checkpointing_agree():
+    torch.manual_seed(0)
+    model = diffcore.load_model("dit", learn_sigma=True, **TINY)
+    with torch.no_grad():  # leave the adaLN-Zero start so gradients reach every layer
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([1, 2])
+    assert model.predict(x, t, y).shape == (2, 3, 16, 16)  # the sigma half is dropped
+    assert model.backbone(x, t, y).shape == (2, 6, 16, 16)
+    assert model.predict(torch.randn(1, 3, 24, 32), t[:1], y[:1]).shape == (1, 3, 24, 32)
+
+    model.backbone.train()
+    plain = model.predict(x, t, y)
+    plain.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.backbone.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    model.backbone.zero_grad()
+    model.set_gradient_checkpointing(True)
+    again = model.predict(x, t, y)
+    again.square().mean().backward()
+    assert torch.equal(again, plain)
+    for n, p in model.backbone.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n])
+
+
+def test_adapter_targets_and_names():
+    model = diffcore.load_model("dit", **TINY)
+    names = [n for n, _ in model.backbone.named_modules()]
+    targeted = sorted(n for n in names if any(re.search(p, n) for p in model.adapter_targets))
+    assert targeted == sorted(
+        f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    assert model.adapter_key("blocks.1.attn.proj", "kohya") == "lora_unet_blocks_1_attn_proj"
+    assert model.adapter_key("blocks.1.mlp.fc1", "peft") == "transformer_blocks.1.ff.net.0.proj"
+    assert model.adapter_key("blocks.0.attn.qkv", "peft") is None  # fused here, three modules in diffusers
+
+
+def test_bfloat16_and_export_layouts():
+    model = diffcore.load_model("dit", dtype="bfloat16", **TINY)
+    assert model.dtype == torch.bfloat16
+    out = model.predict(torch.randn(1, 3, 16, 16), torch.tensor([5.0]), torch.tensor([0]))
+    assert out.dtype == torch.bfloat16
+    diffusers = model.export_state_dict("diffusers")
+    assert "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight" in diffusers
+    assert diffusers["transformer_blocks.0.attn1.to_q.weight"].shape == (32, 32)
+    assert model.export_state_dict("original")["pos_embed"].shape == (1, 16, 32)
+    with pytest.raises(UserError, match="unknown checkpoint layout"):
+        model.export_state_dict("comfy")
+
+
+def test_latent_space_through_the_vae_plugin():
+    pytest.importorskip("diffcore_vae")
+    small_vae = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4}
+    model = diffcore.load_model(
+        "dit", autoencoder="sd", autoencoder_options=small_vae, hidden_size=32, depth=1, num_heads=2,
+        patch_size=2, input_size=8, num_classes=2,
+    )  # fmt: skip
+    assert model.arch.in_channels == 4 and model.latent_downscale == 2
+    latents = model.encode_images(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert latents.shape == (1, 4, 8, 8)
+    assert model.predict(latents, torch.tensor([1.0]), torch.tensor([1])).shape == latents.shape
+    assert model.decode_latents(latents).shape == (1, 3, 16, 16)
+    with pytest.raises(UserError, match="makes 4"):
+        diffcore.load_model("dit", autoencoder="sd", autoencoder_options=small_vae, in_channels=3, **{
+            k: v for k, v in TINY.items() if k != "in_channels"
+        })  # fmt: skip
