@@ -38,7 +38,7 @@ def test_items_are_a_function_of_seed_and_index():
 
 @pytest.mark.parametrize("resolution", [16, 32, 64])
 def test_classifier_reads_back_every_class(resolution):
-    ds = build(resolution=resolution, size=240, classes=ALL)
+    ds = build(resolution=resolution, size=120, classes=ALL)
     pixels = torch.stack([ds[i]["pixels"] for i in range(len(ds))])
     labels = torch.tensor([ds[i]["labels"] for i in range(len(ds))])
     accuracy = (classify(pixels, ds.class_names) == labels).float().mean().item()
