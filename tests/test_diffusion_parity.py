@@ -264,3 +264,16 @@ def test_flow_euler_matches_diffusers_dynamic_shift(dynamic, seq_len):
     np.testing.assert_allclose(schedule.levels.numpy(), ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
     sched_ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     assert_traj(traj, theirs(sched_ref, None, set_kwargs={"sigmas": sigmas, "mu": mu}))
+
+
+def test_flow_euler_matches_diffusers_flux_spacing_without_dynamic_shift():
+    # Flux.1 schnell: no shift, but the pipeline's linspace(1, 1/steps) sigmas
+    steps = 4
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    sched = FlowScheduler(FlowConfig(shift=1.0, sigma_spacing="flux"))
+    schedule, traj, _ = ours(sched, "euler", steps, "flow", time_scale=1000.0)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    ref.set_timesteps(sigmas=sigmas)
+    np.testing.assert_allclose(schedule.levels.numpy(), ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    assert_traj(traj, theirs(ref, None, set_kwargs={"sigmas": sigmas}))

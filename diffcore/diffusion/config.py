@@ -48,3 +48,7 @@ class FlowConfig:
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     num_train_timesteps: int = 1000
     noise_offset: float = 0.0
+    #: how inference sigmas are spaced before the shift: "flux" linspace(1, 1/steps) (the Flux
+    #: pipelines, schnell included), "sd3" linspace(1, shift(1/T)) (the SD3 reference scheduler);
+    #: "auto" is "flux" with a dynamic shift, else "sd3"
+    sigma_spacing: Literal["auto", "flux", "sd3"] = "auto"

@@ -270,8 +270,9 @@ class FlowScheduler:
     ) -> SamplingSchedule:
         """Sigmas from 1 down to 0 in ``steps`` steps, shifted as configured.
 
-        A fixed shift spaces the unshifted sigmas from 1 to shift(1/T) (the SD3 reference scheduler);
-        a resolution-dependent shift spaces them from 1 to 1/steps (the Flux pipelines).
+        ``sigma_spacing`` "sd3" spaces the unshifted sigmas from 1 to shift(1/T) (the SD3 reference
+        scheduler), "flux" from 1 to 1/steps (the Flux pipelines); "auto" takes "flux" with a
+        resolution-dependent shift.
         """
         canonical_sampler(sampler)
         if karras:
@@ -279,7 +280,10 @@ class FlowScheduler:
         if steps < 1:
             raise ValueError("steps must be at least 1")
         T = self.config.num_train_timesteps
-        if self.config.dynamic_shift == "none":
+        spacing = self.config.sigma_spacing
+        if spacing == "auto":
+            spacing = "sd3" if self.config.dynamic_shift == "none" else "flux"
+        if spacing == "sd3":
             end = float(schedules.fixed_shift(1.0 / T, self.config.shift))
             base = torch.linspace(1.0, end, steps, dtype=torch.float64)
         else:
