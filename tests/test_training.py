@@ -204,3 +204,26 @@ def test_sampling_callbacks_write_images_and_quality(tmp_path):
     quality = json.loads((out / "quality.json").read_text())
     assert quality["samples"] == 8 and 0.0 <= quality["class_agreement"] <= 1.0
     assert (out / "samples" / "final" / "grid-red-circle.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "train_options",
+    [
+        {"mixed_precision": "bf16"},
+        {"mixed_precision": "fp16"},
+        {"deepspeed": {"zero_stage": 1}},
+        {"deepspeed": {"zero_stage": 3}},
+        {"deepspeed": {"zero_stage": 2, "offload_optimizer": True}},
+    ],
+    ids=["bf16", "fp16", "zero1", "zero3", "zero2-offload"],
+)
+def test_precisions_and_zero_stages_train_and_resume(tmp_path, train_options):
+    out = tmp_path / "run"
+    first = train(tiny_job(out, train={"steps": 2, **train_options}))
+    assert first.last_loss is not None and first.last_loss == first.last_loss  # finite, not NaN
+    resumed = train(tiny_job(out, train={"steps": 3, **train_options}), resume=True)
+    assert resumed.steps == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    exported = weights(out / "final" / "model.safetensors")
+    assert exported and all(torch.isfinite(t.float()).all() for t in exported.values())
