@@ -45,7 +45,7 @@ def generate(
     width: int,
     steps: int = 30,
     sampler: str = "euler",
-    guidance: float = 1.0,
+    guidance: float | None = None,
     guidance_rescale: float = 0.0,
     seed: int = 0,
     eta: float = 0.0,
@@ -55,8 +55,8 @@ def generate(
 ) -> torch.Tensor:
     """Sample one image per batch entry; returns pixels (B, C, H, W) in [-1, 1] on the model's device.
 
-    ``guidance`` > 1 applies classifier-free guidance against ``model.null_batch(batch)`` (or is
-    passed to ``predict`` as ``guidance=`` for distilled-guidance models). ``seed`` fixes the start
+    ``guidance`` other than 1 applies classifier-free guidance against ``model.null_batch(batch)``;
+    distilled-guidance models get it as ``predict(..., guidance=)`` instead (None: their default). ``seed`` fixes the start
     noise and every stochastic step, independent of device. ``karras`` spaces DDPM-family levels per
     Karras et al.; ``eta`` is DDIM's noise.
     """
@@ -87,9 +87,11 @@ def generate(
 
         cond = model.encode_conditions(batch)
         embedded = bool(getattr(model, "guidance_embedded", False))
-        use_cfg = not embedded and guidance != 1.0
+        use_cfg = not embedded and guidance is not None and guidance != 1.0
         uncond = model.encode_conditions(model.null_batch(batch)) if use_cfg else None
-        extra = {"guidance": torch.full((n,), float(guidance), device=device)} if embedded else {}
+        extra = {}
+        if embedded and guidance is not None:
+            extra["guidance"] = torch.full((n,), float(guidance), device=device)
         prediction_type = model.prediction_type
 
         def denoise(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,6 +115,9 @@ def test_distilled_guidance_is_an_input_not_cfg():
     )
     assert len(model.seen) == 4 and model.null_calls == 0
     assert all(torch.equal(s["guidance"], torch.full((2,), 3.5)) for s in model.seen)
+    model.seen.clear()
+    generate(model, FlowScheduler(), batch={"labels": torch.tensor([1.0])}, height=4, width=4, steps=2)
+    assert all("guidance" not in s for s in model.seen)  # the model's own default applies
 
 
 @pytest.mark.parametrize(("seq_len", "expected_seq"), [(None, 4 * 6), (4096, 4096)])

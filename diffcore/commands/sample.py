@@ -61,7 +61,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     gen.add_argument("--sampler", default="euler", help=SAMPLERS_HELP)
     gen.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (default 4.0; 1 turns CFG off)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default 4.0, or the model's own for distilled guidance; 1 turns CFG off)",
     )
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale in [0, 1] (default 0)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0)")
@@ -327,7 +330,9 @@ def sample_command(args: argparse.Namespace) -> int:
     out_dir = (
         Path(args.out) if args.out else (output_dir / "samples" / "cli" if output_dir else Path("samples"))
     )
-    guidance = 4.0 if args.guidance is None else args.guidance
+    guidance = args.guidance
+    if guidance is None:  # distilled-guidance models keep their own default
+        guidance = None if getattr(model, "guidance_embedded", False) else 4.0
     images = []
     for chunk_index, start in enumerate(range(0, len(entries), args.batch_size)):
         chunk = entries[start : start + args.batch_size]
