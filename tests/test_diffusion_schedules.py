@@ -106,6 +106,8 @@ def test_min_snr_weights_closed_form():
     torch.testing.assert_close(min_snr_weight(snr, gamma, "eps"), clipped / snr)
     torch.testing.assert_close(min_snr_weight(snr, gamma, "v"), clipped / (snr + 1))
     torch.testing.assert_close(min_snr_weight(snr, gamma, "x0"), clipped)
+    zero = torch.tensor([0.0])  # the last step of a zero-terminal-SNR schedule
+    assert min_snr_weight(zero, gamma, "eps").item() == 1.0 and min_snr_weight(zero, gamma, "v").item() == 0.0
 
 
 def test_ddpm_loss_weight_uses_schedule_snr():

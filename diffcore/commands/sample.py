@@ -53,9 +53,17 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         help="which weights of the job's output (default final)",
     )
     gen = parser.add_argument_group("what to generate")
-    gen.add_argument("--prompt", dest="prompts", action="append", default=[], help="a caption (repeatable)")
     gen.add_argument(
-        "--label", dest="labels", action="append", type=int, default=[], help="a class (repeatable)"
+        "--prompt", dest="prompts", action="append", default=[], metavar="TEXT", help="a caption (repeatable)"
+    )
+    gen.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="a class (repeatable)",
     )
     gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")

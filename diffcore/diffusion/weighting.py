@@ -15,7 +15,10 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     """
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "eps":
-        return clipped / snr
+        # a zero-terminal-SNR step has snr = 0, where the ratio's limit is 1
+        return torch.where(
+            snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr)
+        )
     if prediction_type == "v":
         return clipped / (snr + 1)
     if prediction_type == "x0":
@@ -28,7 +31,8 @@ def flow_weight(sigma: torch.Tensor, scheme: str) -> torch.Tensor:
     if scheme == "none":
         return torch.ones_like(sigma)
     if scheme == "sigma_sqrt":
-        return sigma**-2.0
+        # uniform sampling can draw sigma = 0 exactly; cap the weight rather than return inf
+        return sigma.clamp(min=1e-4) ** -2.0
     if scheme == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
     raise ValueError(f"unknown flow weighting {scheme!r}")
