@@ -32,8 +32,12 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        # One statement per step so each intermediate is released as soon as the next exists: a
+        # nested call would keep conv1's output alive through conv2 (one more full-size activation).
+        h = _silu(self.norm1(x))
+        h = self.conv1(h)
+        h = _silu(self.norm2(h))
+        h = self.conv2(h)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return h.add_(skip) if not (torch.is_grad_enabled() and h.requires_grad) else h + skip
 
@@ -141,7 +145,8 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        x = _silu(self.conv_norm_out(x))
+        return self.conv_out(x)
 
 
 class Decoder(nn.Module):
@@ -172,7 +177,8 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
             x = level(x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        x = _silu(self.conv_norm_out(x))
+        return self.conv_out(x)
 
 
 class KLAutoencoderNet(nn.Module):
