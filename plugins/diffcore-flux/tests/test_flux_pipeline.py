@@ -141,3 +141,51 @@ def test_frozen_parts_load_in_bfloat16(tmp_path):
         cond = model.encode_conditions({"captions": CAPTIONS})
         out = model.predict(torch.randn(2, LATENT_CHANNELS, 4, 4), torch.tensor([0.5, 0.5]), cond)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_text_encoders_from_single_files(tmp_path):
+    """ComfyUI-style clip_l / t5xxl files (HF keys, no config) encode like the folders they came from."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parts = write_pipeline(tmp_path / "flux", guidance=True)
+    t5 = parts["text_encoder_2"]
+    # A file has no config: the loader assumes CLIP-L's conventions (head size 64, quick_gelu,
+    # pooling at the highest token id), so this CLIP follows them.
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=60,
+            hidden_size=64,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            eos_token_id=2,
+        )
+    ).eval()
+    clip.save_pretrained(tmp_path / "flux" / "text_encoder")
+    clip_state = {
+        "text_model." + k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")
+    }
+    clip_state["text_projection.weight"] = torch.zeros(4, 4)  # present in some files, not used by Flux
+    save_file(clip_state, tmp_path / "clip_l.safetensors")
+    save_file(
+        {k: v.clone() for k, v in t5.state_dict().items()}, tmp_path / "t5xxl.safetensors"
+    )  # both tied keys
+    options = dict(axes_dim=AXES, max_sequence_length=MAX_LEN)
+    folders = diffcore.load_model("flux", pretrained=tmp_path / "flux", **options)
+    files = diffcore.load_model(
+        "flux",
+        pretrained=tmp_path / "flux" / "transformer",
+        text_encoder=str(tmp_path / "clip_l.safetensors"),
+        text_encoder_2=str(tmp_path / "t5xxl.safetensors"),
+        tokenizer=str(tmp_path / "flux" / "tokenizer"),
+        tokenizer_2=str(tmp_path / "flux" / "tokenizer_2"),
+        **options,
+    )
+    with torch.no_grad():
+        a = folders.encode_conditions({"captions": CAPTIONS})
+        b = files.encode_conditions({"captions": CAPTIONS})
+    assert torch.allclose(a["txt"], b["txt"], atol=1e-5)
+    assert torch.allclose(a["pooled"], b["pooled"], atol=1e-5)
