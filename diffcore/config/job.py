@@ -35,6 +35,25 @@ class Section:
         return {"type": self.type, **unstructure(self.config)}
 
 
+def _at_least(low: float):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and value < low:
+            word = "at least 1" if low == 1 else ("not negative" if low == 0 else f"at least {low}")
+            raise ExpectedError(f"must be {word}, got {value}")
+
+    return check
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value <= 0:
+        raise ExpectedError(f"must be positive, got {value}")
+
+
+def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not 0.0 < value < 1.0:
+        raise ExpectedError(f"must be between 0 and 1, got {value}")
+
+
 @attrs.define(kw_only=True)
 class DeepSpeedConfig:
     """How DeepSpeed shards and offloads (``train.deepspeed``)."""
@@ -50,21 +69,21 @@ class DeepSpeedConfig:
 class TrainConfig:
     """The ``train`` section: the loop, precision, optimisation and checkpointing."""
 
-    steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    lr: float = 1e-4
+    steps: int = attrs.field(default=1000, validator=_at_least(1))
+    batch_size: int = attrs.field(default=1, validator=_at_least(1))
+    gradient_accumulation: int = attrs.field(default=1, validator=_at_least(1))
+    lr: float = attrs.field(default=1e-4, validator=_positive)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = attrs.field(default=0, validator=_at_least(0))
     min_lr_ratio: float = 0.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_clip: float | None = 1.0
-    checkpoint_every: int = 0
-    keep_last: int = 2
-    log_every: int = 1
-    ema_decay: float | None = None
+    checkpoint_every: int = attrs.field(default=0, validator=_at_least(0))
+    keep_last: int = attrs.field(default=2, validator=_at_least(0))
+    log_every: int = attrs.field(default=1, validator=_at_least(1))
+    ema_decay: float | None = attrs.field(default=None, validator=_fraction)
     gradient_checkpointing: bool = False
-    num_workers: int = 0
+    num_workers: int = attrs.field(default=0, validator=_at_least(0))
     device: str = "auto"
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
 
@@ -287,7 +306,6 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
                 scalars[key] = structure(data[key], conv, f"$.{key}")
             except ConfigError as exc:
                 problems.extend(exc.problems)
-    problems.extend(_check_train(train))
     if problems:
         raise ConfigError(problems, source=source)
     name = scalars.get("name", "diffcore")
@@ -306,21 +324,6 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
         callbacks=callbacks,
         source=source,
     )
-
-
-def _check_train(train: TrainConfig) -> list[Problem]:
-    out = []
-    for key in ("steps", "batch_size", "gradient_accumulation", "log_every"):
-        if getattr(train, key) < 1:
-            out.append(Problem(f"$.train.{key}", f"must be at least 1, got {getattr(train, key)}"))
-    for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers"):
-        if getattr(train, key) < 0:
-            out.append(Problem(f"$.train.{key}", f"must not be negative, got {getattr(train, key)}"))
-    if train.lr <= 0:
-        out.append(Problem("$.train.lr", f"must be positive, got {train.lr}"))
-    if train.ema_decay is not None and not 0.0 < train.ema_decay < 1.0:
-        out.append(Problem("$.train.ema_decay", f"must be between 0 and 1, got {train.ema_decay}"))
-    return out
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None, *, registry: Any = None) -> Job:

@@ -163,7 +163,33 @@ def structure(data: Any, cls: type[T], path: str = "$", converter: cattrs.Conver
     try:
         return conv.structure(data, cls)
     except Exception as exc:  # cattrs raises groups of many kinds; all become problems
-        raise ConfigError(problems_of(exc, path, cls)) from None
+        problems = problems_of(exc, path, cls)
+        problems += _validator_problems(data, cls, path, {p.path for p in problems}, conv)
+        raise ConfigError(problems) from None
+
+
+def _validator_problems(
+    data: Any, cls: Any, path: str, known: set[str], conv: cattrs.Converter
+) -> list[Problem]:
+    """Range checks of the fields that did structure, which cattrs skips once any field failed."""
+    if not attrs.has(cls) or not isinstance(data, dict):
+        return []
+    out = []
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        where = f"{path}.{field.name}"
+        if field.validator is None or field.name not in data or where in known:
+            continue
+        try:
+            value = conv.structure(data[field.name], field.type)
+        except Exception:
+            continue
+        try:
+            field.validator(None, field, value)
+        except ExpectedError as exc:
+            out.append(Problem(where, str(exc)))
+        except (TypeError, ValueError) as exc:
+            out.append(Problem(where, f"invalid value ({exc})"))
+    return out
 
 
 def unstructure(obj: Any) -> Any:
