@@ -203,6 +203,9 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
         collate_fn=collate,
         num_workers=job.train.num_workers,
         persistent_workers=False,
+        # Its own generator: creating the iterator would otherwise draw a worker seed from the global RNG,
+        # one draw more in a resumed run than in a straight one (model code such as adapter dropout uses it).
+        generator=torch.Generator().manual_seed(hash_seed(job.seed, ctx.rank, 4)),
     )
     batches = iter(loader)
     engine = ctx.engine
