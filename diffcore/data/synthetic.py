@@ -105,13 +105,17 @@ class SyntheticShapes:
 
 
 def classify(
-    pixels: torch.Tensor | np.ndarray, class_names: list[str] | None = None, *, check_form: bool = True
+    pixels: torch.Tensor | np.ndarray, class_names: list[str] | None = None, *, check_form: bool = False
 ) -> torch.Tensor:
-    """The class of each image measured from its pixels ((B, 3, H, W) or (3, H, W) in [-1, 1]):
-    the hue of the saturated foreground picks the class, which counts only when the image looks like a
-    drawn item (a dark background, one coherent colour and, with ``check_form``, a bounding box
-    about as wide as tall that the shape fills as the class's form does). Returns (B,) long indices
-    into ``class_names`` (default: the dataset's default classes); -1 where no class is seen."""
+    """The class of each image measured from its pixels ((B, 3, H, W) or (3, H, W) in [-1, 1]).
+
+    The hue of the saturated foreground picks the class, which counts only when the image looks like
+    a drawn item: a dark background, a foreground of one coherent colour covering a few percent of the
+    image and little else. ``check_form`` also asks for the class's form (a bounding box about as wide
+    as tall that the shape fills as that form does), a stricter figure that small, briefly trained
+    models reach much later than colour. Returns (B,) long indices into ``class_names`` (default: the
+    dataset's default classes); -1 where no class is seen.
+    """
     if class_names is None:  # the dataset's default classes; pass the dataset's class_names otherwise
         class_names = SyntheticConfig().class_names()
     images = torch.as_tensor(pixels).detach().float().cpu()
