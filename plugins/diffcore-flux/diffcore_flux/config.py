@@ -30,7 +30,8 @@ class FluxConfig:
     """Flux.1 dev or schnell, optionally with Kontext reference-image conditioning.
 
     ``pretrained``: a diffusers pipeline folder (transformer/, text_encoder/, text_encoder_2/, tokenizer/,
-    tokenizer_2/, vae/), a diffusers transformer folder, or BFL's single file (flux1-dev.safetensors).
+    tokenizer_2/, vae/), a diffusers transformer folder, BFL's single file (flux1-dev.safetensors) or a
+    single file with diffusers key names.
     The other paths override or complete it (a single file needs the text encoders, tokenizers and VAE
     named). With no ``pretrained`` the transformer is random, with the sizes below (for tests).
     """

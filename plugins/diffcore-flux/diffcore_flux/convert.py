@@ -172,6 +172,30 @@ def shape_from_diffusers_config(
     )
 
 
+def diffusers_config_from_keys(
+    keys: set[str], shape_of: Callable[[str], tuple[int, ...]], axes_dim: Iterable[int]
+) -> dict[str, Any]:
+    """The FluxTransformer2DModel config of a diffusers-keyed single file, read from its shapes."""
+
+    def count(prefix: str) -> int:
+        found = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix)}
+        return max(found) + 1 if found else 0
+
+    hidden, in_channels = shape_of("x_embedder.weight")
+    head_dim = shape_of("transformer_blocks.0.attn.norm_q.weight")[0]
+    return {
+        "in_channels": in_channels,
+        "num_layers": count("transformer_blocks."),
+        "num_single_layers": count("single_transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": shape_of("context_embedder.weight")[1],
+        "pooled_projection_dim": shape_of("time_text_embed.text_embedder.linear_1.weight")[1],
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in keys,
+        "axes_dims_rope": list(axes_dim),
+    }
+
+
 def diffusers_config(shape: TransformerShape) -> dict[str, Any]:
     return {
         "_class_name": "FluxTransformer2DModel",

@@ -84,23 +84,25 @@ def _check_variant(shape: TransformerShape, config: FluxConfig, where: str) -> N
 
 
 def load_transformer(path: Path, config: FluxConfig, dtype: torch.dtype) -> FluxTransformer:
-    """A Flux transformer from a diffusers folder or an original (BFL/ComfyUI) single file, streamed."""
+    """A Flux transformer from a diffusers folder, BFL's (or ComfyUI's) single file, or a single file
+    with diffusers key names; streamed into a module built on the meta device."""
     where = str(path)
     if path.is_dir():
-        shape = convert.shape_from_diffusers_config(json.loads((path / "config.json").read_text()))
-        shape = attrs.evolve(shape, theta=config.theta)
-        _check_variant(shape, config, where)
-        with empty_weights():
-            backbone = FluxTransformer(shape)
-        native = list(backbone.state_dict())
-        items = convert.from_diffusers(Checkpoint(path).items(), native, shape.hidden_size)
-        return load_into(backbone, items, where=where, dtype=dtype)
+        diffusers_config = json.loads((path / "config.json").read_text())
+        return _from_diffusers(Checkpoint(path).items(), diffusers_config, config, dtype, where)
     checkpoint = Checkpoint(path)
     rename, _ = convert.original_rename(checkpoint.keys())
     file_key = {rename(k): k for k in checkpoint.keys() if rename(k) is not None}
     if "img_in.weight" not in file_key:
+        prefix = "transformer." if any(k.startswith("transformer.") for k in checkpoint.keys()) else ""
+        if prefix + "x_embedder.weight" in checkpoint:
+            shapes = {k[len(prefix) :]: k for k in checkpoint.keys() if k.startswith(prefix)}
+            diffusers_config = convert.diffusers_config_from_keys(
+                set(shapes), lambda k: tuple(checkpoint.get(shapes[k]).shape), config.axes_dim
+            )
+            return _from_diffusers(checkpoint.items(prefix), diffusers_config, config, dtype, where)
         raise UserError(
-            "not a Flux transformer in BFL's layout (no img_in.weight)",
+            "not a Flux transformer: neither BFL's keys (img_in.weight) nor diffusers' (x_embedder.weight)",
             where=where,
             hint="pass a diffusers transformer folder or BFL's flux1-*.safetensors",
         )
@@ -111,6 +113,19 @@ def load_transformer(path: Path, config: FluxConfig, dtype: torch.dtype) -> Flux
     with empty_weights():
         backbone = FluxTransformer(shape)
     return load_into(backbone, checkpoint.items(), where=where, dtype=dtype, rename=rename)
+
+
+def _from_diffusers(
+    items, diffusers_config: dict[str, Any], config: FluxConfig, dtype: torch.dtype, where: str
+):
+    shape = attrs.evolve(convert.shape_from_diffusers_config(diffusers_config), theta=config.theta)
+    _check_variant(shape, config, where)
+    with empty_weights():
+        backbone = FluxTransformer(shape)
+    native = list(backbone.state_dict())
+    return load_into(
+        backbone, convert.from_diffusers(items, native, shape.hidden_size), where=where, dtype=dtype
+    )
 
 
 def build_flux(config: FluxConfig) -> FluxModel:

@@ -73,6 +73,14 @@ def test_parity_through_both_layouts(tmp_path, variant, guidance):
     reloaded = FluxTransformer2DModel.from_pretrained(folder).eval()
     assert (_reference_out(reloaded, x) - expected).abs().max() < 1e-6
 
+    # A single file with diffusers key names (bare or under "transformer.") loads as well.
+    prefixed = {"transformer." + k: v for k, v in reference.items()}
+    diffcore.weights.save_safetensors(prefixed, tmp_path / "diffusers_keys.safetensors")
+    single = diffcore.load_model(
+        "flux", pretrained=tmp_path / "diffusers_keys.safetensors", variant=variant, axes_dim=AXES
+    )
+    assert (_our_out(single, x) - expected).abs().max() < 1e-4
+
 
 def test_original_layout_uses_bfl_names(tmp_path):
     model = diffcore.load_model("flux", **{**SIZES, "depth": 1, "depth_single": 1})
