@@ -56,7 +56,7 @@ class FluxModel(DiffusionModel):
         if self.guidance_embedded:
             self.default_scheduler = {"type": "flow", "dynamic_shift": "flux1"}
         else:  # schnell is timestep-distilled on unshifted sigmas
-            self.default_scheduler = {"type": "flow", "shift": 1.0}
+            self.default_scheduler = {"type": "flow", "shift": 1.0, "sigma_spacing": "flux"}
 
     # -- latents ---------------------------------------------------------------------------------
     def _require_autoencoder(self) -> None:
