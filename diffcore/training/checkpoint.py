@@ -92,9 +92,11 @@ def export_weights(ctx: Any, folder: Path) -> Path:
     meta = {"diffcore_step": str(ctx.step), "diffcore_model": ctx.job.model.type}
     if ctx.adapter is not None:
         path = folder / "adapter.safetensors"
-        if ctx.is_main:
-            fmt = getattr(ctx.adapter.config, "save_format", "kohya") if hasattr(ctx.adapter, "config") else "kohya"
-            ctx.adapter.save(path, fmt, meta)
+        # every rank joins the gather (ZeRO-3 partitions adapter tensors above its persistence threshold)
+        with _gather(ctx, ctx.adapter_params):
+            if ctx.is_main:
+                fmt = getattr(ctx.adapter.config, "save_format", "kohya") if hasattr(ctx.adapter, "config") else "kohya"
+                ctx.adapter.save(path, fmt, meta)
         return path
     path = folder / "model.safetensors"
     gathered = _gather(ctx)
@@ -106,13 +108,14 @@ def export_weights(ctx: Any, folder: Path) -> Path:
     return path
 
 
-def _gather(ctx: Any):
+def _gather(ctx: Any, params: Any = None):
     import contextlib
 
     if ctx.job.train.deepspeed.zero_stage == 3:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(ctx.model.backbone.parameters()), modifier_rank=None)
+        params = list(ctx.model.backbone.parameters()) if params is None else list(params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 

@@ -168,7 +168,10 @@ class LoraBranch(Branch):
             h = h * keep / (1.0 - self.rank_dropout)
         return h
 
-    def run(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``out`` (the base layer's output for ``x``) plus this branch's update."""
         if self._skip():
             return out
         h = self._low_rank(x).to(out.dtype)
@@ -214,7 +217,9 @@ class DoraBranch(LoraBranch):
         # per output channel: the last axis of a Linear output, axis 1 of a Conv2d output
         return v.view(-1, 1, 1) if self.is_conv else v
 
-    def run(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
         if self._skip():
             return out
         if self.dropout and self.training:
@@ -276,7 +281,8 @@ class _WeightSpaceBranch(Branch):
         """The unscaled delta, weight-shaped."""
         raise NotImplementedError
 
-    def apply_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` plus this branch's delta at its strength."""
         if self._skip():
             return weight
         delta = self.build()

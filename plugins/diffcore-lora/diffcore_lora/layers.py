@@ -25,11 +25,13 @@ class AdaptedLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight_branches, act_branches = self._active
         weight = self.weight
+        # Branches are called as modules (not through a bare method) so that hooks which gather
+        # partitioned parameters, as DeepSpeed ZeRO-3's do, see them run.
         for branch in weight_branches:
-            weight = branch.apply_weight(weight)
+            weight = branch(weight)
         out = self._base_op(x, weight, self.bias)
         for branch in act_branches:
-            out = branch.run(self, x, out, weight)
+            out = branch(self, x, out, weight)
         return out
 
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

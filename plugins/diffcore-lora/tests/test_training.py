@@ -39,6 +39,7 @@ ZERO = [
     pytest.param(0, {"type": "lora", "rank": 2, "rank_dropout": 0.1, "dropout": 0.1}, id="zero0-lora"),
     pytest.param(1, {"type": "dora", "rank": 2}, id="zero1-dora", marks=pytest.mark.slow),
     pytest.param(2, {"type": "lokr", "rank": 2, "module_dropout": 0.2}, id="zero2-lokr"),
+    pytest.param(3, {"type": "lora", "rank": 2}, id="zero3-lora", marks=pytest.mark.slow),
 ]
 
 
