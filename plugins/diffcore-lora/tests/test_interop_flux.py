@@ -125,7 +125,10 @@ def test_flux_lora_loads_in_diffusers(tmp_path, fmt):
         transformer=ref,
     )
     watch = _watch_diffusers()
-    pipe.load_lora_weights(str(path))
+    try:
+        pipe.load_lora_weights(str(path))
+    finally:
+        logging.getLogger("diffusers").removeHandler(watch)
     assert not [m for m in watch.messages if _unused(m)], watch.messages
     assert _lora_layers(pipe.transformer) == sum(len(t.peft) for t in adapter.targets)
     want = _flux_diffusers_out(pipe.transformer, x)

@@ -137,7 +137,10 @@ def test_sdxl_lora_loads_in_diffusers(tmp_path, fmt):
         scheduler=diffusers.EulerDiscreteScheduler(),
     )
     watch = _watch_diffusers()
-    pipe.load_lora_weights(str(path))
+    try:
+        pipe.load_lora_weights(str(path))
+    finally:
+        logging.getLogger("diffusers").removeHandler(watch)
     assert not [m for m in watch.messages if _unused(m)], watch.messages
     by_component = {}
     for t in adapter.targets:
