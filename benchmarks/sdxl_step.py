@@ -3,7 +3,8 @@
 Both get the same configuration and the same weights (diffusers builds them, diffcore loads its state
 dict). A train step is forward, MSE loss, backward and an AdamW step. Each side runs in its own child
 process (so peak memory is its own), alternating, ``--repeats`` times; the best median step time and
-the peak memory above the post-setup baseline are reported, with diffcore/diffusers ratios.
+the peak memory are reported, with diffcore/diffusers ratios. A second timing steps both models
+alternately in one process, which keeps the ratio honest on a shared or busy machine.
 
     python benchmarks/sdxl_step.py                       # CPU-sized SDXL shape
     python benchmarks/sdxl_step.py --preset full --device cuda --dtype bfloat16 --batch 4
@@ -48,7 +49,8 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+def _setup(side: str, args: argparse.Namespace):
+    """(step function, device) for one side: model, AdamW and fixed random inputs."""
     import torch
     from diffcore_sdxl.config import UNetConfig
     from diffcore_sdxl.unet import UNet
@@ -92,6 +94,13 @@ def _worker(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, device
+
+
+def _worker(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    import torch
+
+    step, device = _setup(side, args)
     cuda = device.type == "cuda"
     for _ in range(args.warmup):
         step()
@@ -155,11 +164,27 @@ def main() -> None:
     best = {side: min(runs, key=lambda r: r["step_s"]) for side, runs in results.items()}
     peak = {side: min(r["peak_mib"] for r in runs) for side, runs in results.items()}
     ours, ref = best["diffcore"], best["diffusers"]
+    # both sides in this process, stepping alternately: a shared or busy machine slows both alike
+    steps = {side: _setup(side, args)[0] for side in ("diffcore", "diffusers")}
+    times: dict[str, list[float]] = {"diffcore": [], "diffusers": []}
+    cuda = args.device.startswith("cuda")
+    for i in range(args.warmup + args.steps):
+        for side, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[side].append(time.perf_counter() - start)
+    inter = {side: statistics.median(t) for side, t in times.items()}
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "weights"},
         "diffcore_step_s": round(ours["step_s"], 4),
         "diffusers_step_s": round(ref["step_s"], 4),
         "time_ratio": round(ours["step_s"] / ref["step_s"], 3),
+        "interleaved_diffcore_step_s": round(inter["diffcore"], 4),
+        "interleaved_diffusers_step_s": round(inter["diffusers"], 4),
+        "interleaved_time_ratio": round(inter["diffcore"] / inter["diffusers"], 3),
         "memory": "peak allocated above baseline"
         if args.device.startswith("cuda")
         else "peak RSS of the process",
