@@ -215,6 +215,8 @@ def _parse_peft(
     config = _peft_config(metadata)
     by_name: dict[str, tuple[Target, slice | None]] = {}
     for target in pool:
+        for name in target.aliases:
+            by_name[name] = (target, None)
         for name, rows in target.peft:
             by_name[name] = (target, rows)
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}

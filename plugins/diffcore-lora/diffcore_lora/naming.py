@@ -31,6 +31,8 @@ class Target:
     kohya: str
     # (full PEFT module name with its component prefix, rows of lora_B it owns or None for all)
     peft: list[tuple[str, slice | None]]
+    # other PEFT names read as this layer (never written): CLIP paths with and without ``text_model.``
+    aliases: list[str] = attrs.field(factory=list)
 
     @property
     def ident(self) -> str:
@@ -96,8 +98,13 @@ def candidates(model: Any, components: Iterable[str], *, peft_override: str | No
                     continue
             else:
                 # kohya files use the published names; PEFT files the module paths PEFT injects by
-                kohya = f"lora_{component}_" + _published_text_path(root, path).replace(".", "_")
-                peft = [(f"{TEXT_ENCODER_PREFIX.get(component, component)}.{path}", None)]
+                published = _published_text_path(root, path)
+                kohya = f"lora_{component}_" + published.replace(".", "_")
+                te_prefix = TEXT_ENCODER_PREFIX.get(component, component)
+                peft = [(f"{te_prefix}.{path}", None)]
+                aliases = [f"{te_prefix}.{published}"] if published != path else []
+                out.append(Target(component, path, layer, kohya, peft, aliases))
+                continue
             out.append(Target(component, path, layer, kohya, peft))
     return out
 

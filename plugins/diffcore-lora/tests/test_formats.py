@@ -312,3 +312,38 @@ def test_registry_builds_adapters_and_checks_config():
     with pytest.raises(ConfigError, match="rnak"):
         diffcore.build_component("adapter", "lora", {"rnak": 4})
     assert callable(adapter.apply_adapters)
+
+
+def test_clip_text_encoder_names_with_and_without_text_model(tmp_path):
+    """transformers 5's CLIPTextModel has no ``text_model`` level; kohya keeps the published name and a
+    PEFT file written either way loads."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1
+    )
+    torch.manual_seed(0)
+    model = TinyModel(TinyNet(), frozen={"te1": CLIPTextModel(config)}, latent_channels=4)
+    adapter = NetworkAdapter(LoraConfig(rank=2, text_encoders=True), kind="lora")
+    randomize(adapter.attach(model))
+    kohya = adapter.state_dict("kohya")
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
+    peft_sd = adapter.state_dict("peft")
+    te_keys = [k for k in peft_sd if k.startswith("text_encoder.")]
+    assert te_keys
+    # the published spelling (what transformers 4 named these modules) reads as the same layers
+    path = tmp_path / "te.safetensors"
+    renamed = {}
+    for k, v in peft_sd.items():
+        if k.startswith("text_encoder.") and not k.startswith("text_encoder.text_model."):
+            k = "text_encoder.text_model." + k.removeprefix("text_encoder.")
+        renamed[k] = v.contiguous()
+    save_file(renamed, path)
+    torch.manual_seed(0)
+    fresh = TinyModel(TinyNet(), frozen={"te1": CLIPTextModel(config)}, latent_channels=4)
+    NetworkAdapter.from_file(fresh, path)
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.frozen["te1"](ids).last_hidden_state, model.frozen["te1"](ids).last_hidden_state
+        )
