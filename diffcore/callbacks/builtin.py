@@ -231,11 +231,17 @@ class ClassAgreementCallback(Callback):
             guidance=self.config.guidance,
             seed=self.config.seed,
         )
-        measured = classify(pixels.float().cpu())
-        agree = (measured == labels).float()
+        images = pixels.float().cpu()
+        agree = (classify(images, names) == labels).float()
+        with_form = (classify(images, names, check_form=True) == labels).float()
         per_class = {name: float(agree[i * n : (i + 1) * n].mean()) for i, name in enumerate(names)}
         score = float(agree.mean())
-        self.result = {"class_agreement": score, "per_class": per_class, "samples": int(labels.numel())}
+        self.result = {
+            "class_agreement": score,
+            "class_and_form_agreement": float(with_form.mean()),
+            "per_class": per_class,
+            "samples": int(labels.numel()),
+        }
         if ctx.is_main:
             folder = ctx.output_dir / "samples" / "final"
             for i, name in enumerate(names):
@@ -243,6 +249,7 @@ class ClassAgreementCallback(Callback):
             (ctx.output_dir / "quality.json").write_text(json.dumps(self.result, indent=2))
             print(
                 f"quality: class agreement {score:.3f} over {labels.numel()} samples "
-                f"({', '.join(f'{k} {v:.2f}' for k, v in per_class.items())})",
+                f"({', '.join(f'{k} {v:.2f}' for k, v in per_class.items())}); "
+                f"with the form checked too: {self.result['class_and_form_agreement']:.3f}",
                 flush=True,
             )
