@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from diffcore import __version__
-from diffcore.errors import ConfigError, PluginError, TrainingError, UserError
+from diffcore.errors import PluginError, TrainingError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ERROR = 1

@@ -126,7 +126,7 @@ def test_plugins_json_lists_builtin_and_failures(plugin_path):
         plugin_path, "diffcore-broken", "0.0.1", {"broken": "dc_broken"}, {"dc_broken": "raise RuntimeError('boom')\n"}
     )
     env_path = str(plugin_path)
-    code = "import sys; sys.path.insert(0, %r); from diffcore.cli import main; sys.exit(main(['plugins', '--json']))" % env_path
+    code = f"import sys; sys.path.insert(0, {env_path!r}); from diffcore.cli import main; sys.exit(main(['plugins', '--json']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
