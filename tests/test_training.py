@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: output layout, exact resume, crash safety, NaN stop."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,41 @@ def test_precisions_and_zero_stages_train_and_resume(tmp_path, train_options):
     assert [r["step"] for r in rows] == [1, 2, 3]
     exported = weights(out / "final" / "model.safetensors")
     assert exported and all(torch.isfinite(t.float()).all() for t in exported.values())
+
+
+def test_sigkill_while_saving_leaves_previous_checkpoint(tmp_path):
+    """A real kill (SIGKILL, no cleanup) in the middle of writing a checkpoint."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from diffcore.training import checkpoint as ckpt
+    from tests.jobs import write_job
+
+    out = tmp_path / "run"
+    job = write_job(tmp_path / "job.yaml", tiny_job(out, train={"steps": 6, "checkpoint_every": 2}))
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from diffcore.training import checkpoint as ckpt
+        real = ckpt.export_weights
+        calls = []
+        def dying(ctx, folder):
+            calls.append(1)
+            if len(calls) == 2:
+                (folder / "model.safetensors").write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(ctx, folder)
+        ckpt.export_weights = dying
+        from diffcore.cli import main
+        sys.exit(main(["run", {str(job)!r}]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-2"
+    load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
+    resumed = train(tiny_job(out, train={"steps": 6, "checkpoint_every": 2}), resume=True)
+    assert resumed.steps == 6
+    assert ckpt_names(out) == ["step-2", "step-4", "step-6"]
