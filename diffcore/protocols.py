@@ -47,7 +47,10 @@ class Model(Protocol):
                                          fmt "kohya" -> "lora_unet_..."; fmt "peft" -> diffusers path
       set_gradient_checkpointing(enabled: bool)
       export_state_dict(layout="diffusers"|"original") -> dict[str, Tensor]
-                                         the backbone's weights in a published layout
+                                         the backbone's weights in a published layout (the loop
+                                         exports "diffusers" as model.safetensors)
+      load_exported(tensors)             the inverse: fill the backbone from that export
+                                         (``diffcore sample --from`` uses it)
       trainable_modules() -> dict[str, nn.Module] extra modules (text encoders) a method may train
       to(device, dtype) and the frozen parts (autoencoder, text encoders) follow the backbone's device
     """

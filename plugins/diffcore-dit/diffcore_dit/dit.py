@@ -12,9 +12,15 @@ import torch
 
 from diffcore.errors import UserError
 from diffcore.model import DiffusionModel
-from diffcore.weights import save_safetensors
+from diffcore.weights import load_into, save_safetensors
 from diffcore_dit.config import DiTArch
-from diffcore_dit.convert import diffusers_module_name, original_key, to_diffusers, to_original
+from diffcore_dit.convert import (
+    diffusers_module_name,
+    from_diffusers,
+    original_key,
+    to_diffusers,
+    to_original,
+)
 from diffcore_dit.model import DiT
 
 #: safetensors metadata key holding the architecture of an original-layout file diffcore wrote
@@ -83,6 +89,12 @@ class DiTModel(DiffusionModel):
             grid = self.backbone.grid
             return to_original(state, self.backbone.positions(grid, grid, self.backbone.pos_embed).float())
         raise UserError(f"unknown checkpoint layout {layout!r}", hint='use "diffusers" or "original"')
+
+    def load_exported(self, tensors: Mapping[str, torch.Tensor], where: str = "model.safetensors") -> None:
+        """Fill the backbone from what :meth:`export_state_dict` wrote in the diffusers layout."""
+        stream = from_diffusers(list(tensors), tensors.__getitem__, self.arch.depth, where=where)
+        load_into(self.backbone, stream, where=where, device=self.device, dtype=self.dtype)
+        self.backbone.init_buffers()
 
     def diffusers_config(self) -> dict[str, Any]:
         a = self.arch

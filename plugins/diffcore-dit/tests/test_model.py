@@ -137,3 +137,14 @@ def test_latent_space_through_the_vae_plugin():
         diffcore.load_model("dit", autoencoder="sd", autoencoder_options=small_vae, in_channels=3, **{
             k: v for k, v in TINY.items() if k != "in_channels"
         })  # fmt: skip
+
+
+def test_load_exported_inverts_the_training_export():
+    torch.manual_seed(0)
+    trained = diffcore.load_model("dit", **TINY)
+    for p in trained.backbone.parameters():  # adaLN-Zero starts at zero: move every weight
+        torch.nn.init.normal_(p, std=0.05)
+    fresh = diffcore.load_model("dit", **TINY)
+    fresh.load_exported(trained.export_state_dict("diffusers"))
+    x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0]), torch.tensor([0, 3])
+    assert torch.equal(fresh.predict(x, t, labels), trained.predict(x, t, labels))

@@ -11,7 +11,7 @@ import torch
 
 from diffcore.errors import UserError
 from diffcore.model import DiffusionModel
-from diffcore.weights import save_safetensors
+from diffcore.weights import load_into, save_safetensors
 from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig
 from diffcore_flux.packing import image_ids, pack, sequence_length, text_ids, unpack
@@ -152,6 +152,12 @@ class FluxModel(DiffusionModel):
         if layout == "original":
             return convert.to_original(state)
         raise UserError(f"unknown layout {layout!r}", hint="use 'diffusers' or 'original'")
+
+    def load_exported(self, tensors: Mapping[str, torch.Tensor], where: str = "model.safetensors") -> None:
+        """Fill the transformer from what :meth:`export_state_dict` wrote in the diffusers layout."""
+        native = list(self.backbone.state_dict())
+        stream = convert.from_diffusers(tensors.items(), native, self.backbone.shape.hidden_size)
+        load_into(self.backbone, stream, where=where, device=self.device, dtype=self.dtype)
 
     def save_pretrained(self, path: str | Path, layout: str = "diffusers") -> Path:
         """Write the transformer: a diffusers ``transformer`` folder (config.json + weights), or for

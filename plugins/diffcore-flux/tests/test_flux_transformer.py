@@ -194,3 +194,14 @@ def test_adapter_names():
     # per double block: 2 qkv, 2 proj, 4 mlp, 2 mod; per single block: linear1, linear2, modulation
     assert len(targets) == 2 * 10 + 2 * 3
     assert all(isinstance(model.backbone.get_submodule(n), torch.nn.Linear) for n in targets)
+
+
+def test_load_exported_inverts_the_training_export():
+    torch.manual_seed(0)
+    trained = diffcore.load_model("flux", **SIZES)
+    for p in trained.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    fresh = diffcore.load_model("flux", **SIZES)
+    fresh.load_exported(trained.export_state_dict("diffusers"))
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(fresh.backbone.state_dict()[key], value), key
