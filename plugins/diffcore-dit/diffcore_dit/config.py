@@ -47,6 +47,9 @@ class DiTConfig:
     #: latent space: the autoencoder family ("sd", "sdxl", "flux"...) from diffcore-vae; None = pixels
     autoencoder: str | None = None
     autoencoder_pretrained: str | None = None
+    #: False skips loading the autoencoder: for training from a complete latent cache, where the loop
+    #: sets it (sampling then needs a model loaded with it)
+    load_encoders: bool = True
     #: further options of that autoencoder family's config (dtype, tiling, or shapes for a random one)
     autoencoder_options: dict[str, Any] = attrs.Factory(dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -25,7 +25,7 @@ def build_model(config: DiTConfig) -> DiTModel:
     dtype = _DTYPES[config.dtype]
     autoencoder = None
     latent_channels = None
-    if config.autoencoder is not None:
+    if config.autoencoder is not None and config.load_encoders:
         # latent space: the autoencoder family comes from diffcore-vae through the kernel's registry
         autoencoder = diffcore.load_autoencoder(
             config.autoencoder, pretrained=config.autoencoder_pretrained, **config.autoencoder_options

@@ -148,3 +148,9 @@ def test_load_exported_inverts_the_training_export():
     fresh.load_exported(trained.export_state_dict("diffusers"))
     x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0]), torch.tensor([0, 3])
     assert torch.equal(fresh.predict(x, t, labels), trained.predict(x, t, labels))
+
+
+def test_without_encoders_a_latent_dit_skips_its_autoencoder():
+    options = {**TINY, "in_channels": 4}
+    model = diffcore.load_model("dit", autoencoder="sd", load_encoders=False, **options)
+    assert model.autoencoder is None and model.latent_channels == 4

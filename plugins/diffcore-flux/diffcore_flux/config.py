@@ -46,6 +46,9 @@ class FluxConfig:
     vae: str | None = None
     #: extra options of the Flux autoencoder (``diffcore.load_autoencoder("flux", ...)``), e.g. tiny sizes
     vae_options: dict[str, Any] = attrs.field(factory=dict)
+    #: False skips loading the text encoders and the autoencoder: for training from a complete
+    #: latent/text cache, where the loop sets it
+    load_encoders: bool = True
     #: dtype of the transformer; frozen parts (text encoders, VAE) use ``frozen_dtype`` (default: the same)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None

@@ -138,7 +138,7 @@ def build_flux(config: FluxConfig) -> FluxModel:
     else:
         backbone = FluxTransformer(config.shape()).to(dtype)
     text = None
-    if any(
+    if config.load_encoders and any(
         p is not None
         for p in (sources.text_encoder, sources.text_encoder_2, sources.tokenizer, sources.tokenizer_2)
     ):
@@ -150,7 +150,7 @@ def build_flux(config: FluxConfig) -> FluxModel:
             max_length=config.text_length,
             dtype=frozen_dtype,
         )
-    autoencoder = _autoencoder(sources.vae, config, frozen_dtype)
+    autoencoder = _autoencoder(sources.vae, config, frozen_dtype) if config.load_encoders else None
     return FluxModel(backbone, config, text=text, autoencoder=autoencoder)
 
 

@@ -205,3 +205,8 @@ def test_load_exported_inverts_the_training_export():
     fresh.load_exported(trained.export_state_dict("diffusers"))
     for key, value in trained.backbone.state_dict().items():
         assert torch.equal(fresh.backbone.state_dict()[key], value), key
+
+
+def test_without_encoders_nothing_frozen_is_built():
+    model = diffcore.load_model("flux", load_encoders=False, vae_options={"block_out_channels": [8]}, **SIZES)
+    assert model.autoencoder is None and not model.frozen

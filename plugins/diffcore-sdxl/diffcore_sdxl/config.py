@@ -215,6 +215,9 @@ class SDConfig:
     autoencoder: bool = True
     #: extra options of the autoencoder section (diffcore-vae's config keys, e.g. ``tiling``)
     vae_options: dict[str, Any] = attrs.field(factory=dict)
+    #: False skips loading the text encoders and the autoencoder: for training from a complete
+    #: latent/text cache, where the loop sets it
+    load_encoders: bool = True
     prediction_type: Literal["eps", "v"] = "eps"
     #: default training/sampling size in pixels (also the default SDXL size conditioning)
     resolution: int = 512

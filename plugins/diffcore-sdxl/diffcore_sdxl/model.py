@@ -272,6 +272,8 @@ def build_model(config: SDConfig) -> SDModel:
     """Build from ``config.pretrained`` (diffusers folder or single file) or at random."""
     family = config.FAMILY
     dtype = loading.dtype_of(config)
+    # training from a complete latent/text cache needs neither the text encoders nor the autoencoder
+    slots = _slots(family) if config.load_encoders else []
     overrides = {"te1": config.text_encoder, "te2": getattr(config, "text_encoder_2", {})}
     source = Path(config.pretrained) if config.pretrained else None
     if source is not None and not source.exists():
@@ -280,8 +282,8 @@ def build_model(config: SDConfig) -> SDModel:
     if source is None:
         unet_cfg = loading.preset_unet(family, config.unet)
         unet = loading.load_unet(unet_cfg, None, original=False, where="random")
-        encoders = {s: loading.random_text_encoder(family, s, overrides[s]) for s in _slots(family)}
-        tokenizers = _tokenizers(config, None)
+        encoders = {s: loading.random_text_encoder(family, s, overrides[s]) for s in slots}
+        tokenizers = _tokenizers(config, None) if slots else {}
     elif source.is_dir():
         if not (source / "unet").is_dir():
             raise UserError(
@@ -297,10 +299,10 @@ def build_model(config: SDConfig) -> SDModel:
             unet_cfg, Checkpoint(source / "unet"), original=False, where=str(source / "unet")
         )
         encoders = {}
-        for slot in _slots(family):
+        for slot in slots:
             sub = source / ("text_encoder" if slot == "te1" else "text_encoder_2")
             encoders[slot] = loading.folder_text_encoder(sub, slot, overrides[slot], dtype)
-        tokenizers = _tokenizers(config, source)
+        tokenizers = _tokenizers(config, source) if slots else {}
     else:
         ckpt = Checkpoint(source)
         if not has_prefix(ckpt, UNET_PREFIX):
@@ -309,16 +311,17 @@ def build_model(config: SDConfig) -> SDModel:
                 where=str(source),
                 hint=f"is it a {family} checkpoint?",
             )
-        encoders = {
-            s: loading.single_file_text_encoder(ckpt, family, s, overrides[s], dtype) for s in _slots(family)
-        }
-        pooled = encoders["te2"].config.projection_dim if family == "sdxl" else None
+        encoders = {s: loading.single_file_text_encoder(ckpt, family, s, overrides[s], dtype) for s in slots}
+        pooled = None
+        if family == "sdxl":
+            projection = loading.TEXT_PREFIXES[family]["te2"][0] + "text_projection"
+            pooled = ckpt.get(projection).shape[1] if projection in ckpt else encoders["te2"].config.projection_dim
         unet_cfg = loading.infer_unet(ckpt, family, config.unet, pooled)
         unet = loading.load_unet(unet_cfg, ckpt, original=True, where=str(source))
-        tokenizers = _tokenizers(config, None)
+        tokenizers = _tokenizers(config, None) if slots else {}
 
     autoencoder = None
-    if config.autoencoder:
+    if config.autoencoder and config.load_encoders:
         vae_source = config.vae or config.pretrained
         autoencoder = diffcore.load_autoencoder(
             "sdxl" if family == "sdxl" else "sd",

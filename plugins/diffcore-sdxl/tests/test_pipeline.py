@@ -180,3 +180,17 @@ def test_adapter_keys_name_original_modules(sdxl) -> None:
     assert path in targeted and "down_blocks.1.attentions.0.proj_in" in targeted
     assert not any("resnets" in n for n in targeted)
     assert all(re.search(p, path) for p in model.adapter_targets[:1])
+
+
+def test_without_encoders_the_unet_alone_loads_and_predicts(sdxl, tmp_path: Path) -> None:
+    """What training from a complete latent/text cache builds: no text encoders, no autoencoder."""
+    folder, full, _ = sdxl
+    bare = diffcore.load_model("sdxl", pretrained=str(folder), load_encoders=False)
+    assert bare.frozen == {} and bare.autoencoder is None
+    cond = full.encode_conditions({"captions": PROMPTS, "pixels": torch.zeros(2, 3, 128, 128)})
+    x, t = _latents(), torch.tensor([10.0, 500.0])
+    assert torch.equal(bare.predict(x, t, cond), full.predict(x, t, cond))
+    full.save_pretrained(tmp_path / "single.safetensors", layout="original")
+    from_file = diffcore.load_model("sdxl", pretrained=str(tmp_path / "single.safetensors"), load_encoders=False)
+    assert from_file.frozen == {}
+    torch.testing.assert_close(from_file.predict(x, t, cond), full.predict(x, t, cond), rtol=0, atol=1e-5)
