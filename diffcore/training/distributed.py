@@ -37,7 +37,8 @@ def init_distributed(device_name: str = "auto") -> Dist:
 
     Without a launcher the process becomes rank 0 of a world of one.
     """
-    if "RANK" not in os.environ:
+    own_port = "RANK" not in os.environ
+    if own_port:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
@@ -48,8 +49,17 @@ def init_distributed(device_name: str = "auto") -> Dist:
     import deepspeed
     import torch.distributed as td
 
-    if not td.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    for attempt in range(5):
+        if td.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except td.DistNetworkError:
+            # the port we picked was taken between picking and binding: pick another (single process)
+            if not own_port or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     world = td.get_world_size()
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -99,7 +99,9 @@ def test_training_facts(pipeline):
     assert type(model.frozen["te2"]).__name__ == "T5EncoderModel"
     assert model.latent_channels == LATENT_CHANNELS
     expected = (
-        {"type": "flow", "dynamic_shift": "flux1"} if variant == "dev" else {"type": "flow", "shift": 1.0}
+        {"type": "flow", "dynamic_shift": "flux1"}
+        if variant == "dev"
+        else {"type": "flow", "shift": 1.0, "sigma_spacing": "flux"}
     )
     assert model.default_scheduler == expected
 
