@@ -12,16 +12,13 @@ model on CPU (with glibc returning large blocks at once). Prints the figures and
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cpu_memory import peak_in_child, report_peak
 
 
 def parse() -> argparse.Namespace:
@@ -107,14 +104,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def peak_memory(which: str, folder: Path, args: argparse.Namespace) -> int:
     """Peak extra memory of one steady-state training step (activations, gradients, optimizer
     temporaries) in bytes, over what the model and its optimizer state hold between steps."""
@@ -129,19 +118,12 @@ def peak_memory(which: str, folder: Path, args: argparse.Namespace) -> int:
         return torch.cuda.max_memory_allocated() - base
     # CPU: a fresh process per model; glibc is told to return every large block to the system, so the
     # resident set follows the live tensors, and the kernel's high-water mark is reset before the step
-    argv = [sys.argv[0], *sys.argv[1:], "--memory-only", which, "--weights", str(folder)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True, env=env).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak"])
+    return peak_in_child(["--memory-only", which, "--weights", str(folder)])
 
 
 def cpu_memory_child(args: argparse.Namespace) -> None:
     _, step = build(args.memory_only, Path(args.weights), args)
-    step()  # optimizer state and lazily built kernels exist from here on
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    step()
-    print(json.dumps({"peak": (_status_kib("VmHWM") - base) * 1024}))
+    report_peak(step)
 
 
 def main() -> None:

@@ -16,16 +16,13 @@ batch-norm statistics, as Flux2Pipeline does). Prints figures and ratios diffcor
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cpu_memory import peak_in_child, report_peak
 
 OPS = ("encode", "decode")
 SIDES = ("diffcore", "diffusers")
@@ -120,14 +117,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def _sides(folder: Path, args: argparse.Namespace) -> dict:
     ours, latents = build("diffcore", folder, args)
     LATENTS[:] = [latents]
@@ -147,21 +136,14 @@ def peak_memory(side: str, op: str, folder: Path, args: argparse.Namespace) -> i
             fn()
             torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    argv = [sys.argv[0], *sys.argv[1:], "--memory-only", f"{side}:{op}", "--weights", str(folder)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True, env=env).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak"])
+    return peak_in_child(["--memory-only", f"{side}:{op}", "--weights", str(folder)])
 
 
 def cpu_memory_child(args: argparse.Namespace) -> None:
     side, op = args.memory_only.split(":")
     fn = _sides(Path(args.weights), args)[side][op]
     with torch.no_grad():
-        fn()  # lazily built kernels and caches exist from here on
-        base = _status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        fn()
-    print(json.dumps({"peak": (_status_kib("VmHWM") - base) * 1024}))
+        report_peak(fn)
 
 
 def main() -> None:
