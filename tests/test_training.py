@@ -266,3 +266,19 @@ def test_sigkill_while_saving_leaves_previous_checkpoint(tmp_path):
     resumed = train(tiny_job(out, train={"steps": 6, "checkpoint_every": 2}), resume=True)
     assert resumed.steps == 6
     assert ckpt_names(out) == ["step-2", "step-4", "step-6"]
+
+
+def test_a_child_run_does_not_join_the_parents_single_process_group(tmp_path):
+    """After an in-process run, a `diffcore run` subprocess inherits RANK/MASTER_PORT from this one;
+    it must set up its own world of one instead of knocking on this process's port."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.jobs import write_job
+
+    train(tiny_job(tmp_path / "parent", train={"steps": 1}))
+    assert os.environ.get("WORLD_SIZE") == "1"
+    job = write_job(tmp_path / "child.yaml", tiny_job(tmp_path / "child", train={"steps": 1}))
+    out = subprocess.run([sys.executable, "-m", "diffcore.cli", "run", str(job)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -17,6 +17,9 @@ class Dist:
     device: torch.device
 
 
+_SOLO = "DIFFCORE_SOLO_PID"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,10 +40,19 @@ def init_distributed(device_name: str = "auto") -> Dist:
 
     Without a launcher the process becomes rank 0 of a world of one.
     """
-    own_port = "RANK" not in os.environ
+    # A world of one that a diffcore parent process set up is not ours to join: a child process
+    # (a subprocess run, a sampler) would knock on the parent's rendezvous port.
+    solo = os.environ.get(_SOLO)
+    inherited = solo is not None and solo != str(os.getpid()) and os.environ.get("WORLD_SIZE") == "1"
+    own_port = "RANK" not in os.environ or inherited
     if own_port:
         os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            **{_SOLO: str(os.getpid())},
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
