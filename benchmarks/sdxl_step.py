@@ -19,6 +19,8 @@ import resource
 import statistics
 import time
 
+from diffcore_sdxl.config import UNET_PRESETS
+
 PRESETS = {
     # the SDXL layout (no attention at level 0, deeper transformers further down, text_time
     # embedding, 2048-wide context, 1280 pooled) at widths a CPU steps through in seconds
@@ -32,16 +34,7 @@ PRESETS = {
         addition_time_embed_dim=256,
         addition_input_dim=1280 + 6 * 256,
     ),
-    "full": dict(
-        block_out_channels=(320, 640, 1280),
-        attention=(False, True, True),
-        transformer_layers=(1, 2, 10),
-        heads=(5, 10, 20),
-        cross_attention_dim=2048,
-        linear_projection=True,
-        addition_time_embed_dim=256,
-        addition_input_dim=2816,
-    ),
+    "full": UNET_PRESETS["sdxl"],
 }
 
 

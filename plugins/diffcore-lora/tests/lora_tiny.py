@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -63,3 +65,30 @@ def randomize(params, seed: int = 3, std: float = 0.2) -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+class DiffusersWarnings(logging.Handler):
+    """Collects diffusers' warnings (an unused LoRA key is reported as one)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def watch_diffusers() -> DiffusersWarnings:
+    handler = DiffusersWarnings()
+    logging.getLogger("diffusers").addHandler(handler)
+    return handler
+
+
+def unused_key_warning(message: str) -> bool:
+    """diffusers' warnings for LoRA keys it did not use (the converters raise on leftovers)."""
+    return "unexpected keys" in message or "Unsupported keys" in message
+
+
+def lora_layers(module: torch.nn.Module) -> int:
+    """How many PEFT-injected layers of ``module`` hold a LoRA."""
+    return sum(1 for m in module.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)

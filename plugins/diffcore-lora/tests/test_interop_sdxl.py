@@ -11,38 +11,15 @@ import pytest
 import torch
 from diffcore_lora.adapter import NetworkAdapter
 from diffcore_lora.config import LoraConfig
+from lora_tiny import lora_layers as _lora_layers
 from lora_tiny import randomize
+from lora_tiny import unused_key_warning as _unused
+from lora_tiny import watch_diffusers as _watch_diffusers
 
 import diffcore
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-
-class _Warnings(logging.Handler):
-    """Collects diffusers' warnings (an unused LoRA key is reported as one)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _watch_diffusers() -> _Warnings:
-    handler = _Warnings()
-    logging.getLogger("diffusers").addHandler(handler)
-    return handler
-
-
-def _unused(message: str) -> bool:
-    """diffusers' warnings for LoRA keys it did not use (the converters raise on leftovers)."""
-    return "unexpected keys" in message or "Unsupported keys" in message
-
-
-def _lora_layers(module: torch.nn.Module) -> int:
-    return sum(1 for m in module.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
 
 
 # -- SDXL ------------------------------------------------------------------------------------------
