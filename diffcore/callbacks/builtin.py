@@ -12,7 +12,6 @@ from diffcore.callbacks.base import Callback
 class CheckpointCallback(Callback):
     def __init__(self, config: Any):
         self.config = config
-        self._saved_at: int | None = None
 
     def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
         every = ctx.job.train.checkpoint_every
@@ -20,14 +19,14 @@ class CheckpointCallback(Callback):
             self._save(ctx)
 
     def on_train_end(self, ctx: Any) -> None:
-        if self._saved_at != ctx.step and (ctx.last_checkpoint is None or ctx.last_checkpoint.name != f"step-{ctx.step}"):
+        # save_checkpoint sets last_checkpoint, which also covers a resumed run already at its end
+        if ctx.last_checkpoint is None or ctx.last_checkpoint.name != f"step-{ctx.step}":
             self._save(ctx)
 
     def _save(self, ctx: Any) -> None:
         from diffcore.training.checkpoint import save_checkpoint
 
         path = save_checkpoint(ctx)
-        self._saved_at = ctx.step
         for cb in getattr(ctx, "callbacks", []) or []:
             if cb is not self:
                 cb.on_checkpoint(ctx, path)
@@ -188,14 +187,9 @@ def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
     backbone = ctx.model.backbone
     was_training = backbone.training
     backbone.eval()
-    gather = contextlib.nullcontext()
-    if ctx.job.train.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None)
     weights = ctx.ema.applied() if ctx.ema is not None else contextlib.nullcontext()
     try:
-        with gather, weights, torch.no_grad():
+        with ctx.gathered(), weights, torch.no_grad():
             return generate(ctx.model, ctx.scheduler, **kwargs)
     finally:
         backbone.train(was_training)

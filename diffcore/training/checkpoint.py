@@ -93,30 +93,18 @@ def export_weights(ctx: Any, folder: Path) -> Path:
     if ctx.adapter is not None:
         path = folder / "adapter.safetensors"
         # every rank joins the gather (ZeRO-3 partitions adapter tensors above its persistence threshold)
-        with _gather(ctx, ctx.adapter_params):
+        with ctx.gathered(ctx.adapter_params):
             if ctx.is_main:
                 fmt = getattr(ctx.adapter.config, "save_format", "kohya") if hasattr(ctx.adapter, "config") else "kohya"
                 ctx.adapter.save(path, fmt, meta)
         return path
     path = folder / "model.safetensors"
-    gathered = _gather(ctx)
-    with gathered:
+    with ctx.gathered():
         if ctx.is_main:
             export = getattr(ctx.model, "export_state_dict", None)
             tensors = export("diffusers") if export else ctx.model.backbone.state_dict()
             save_safetensors(tensors, path, meta)
     return path
-
-
-def _gather(ctx: Any, params: Any = None):
-    import contextlib
-
-    if ctx.job.train.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        params = list(ctx.model.backbone.parameters()) if params is None else list(params)
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 def save_checkpoint(ctx: Any) -> Path:
@@ -226,10 +214,6 @@ def _allow_deepspeed_globals() -> None:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    try:
-        from deepspeed.checkpoint.utils import clone_tensors_for_torch_save  # noqa: F401
-    except ImportError:
-        pass
     import argparse
     import collections
 

@@ -75,6 +75,18 @@ class TrainContext:
     def total_steps(self) -> int:
         return self.job.train.steps
 
+    def gathered(self, params: Any = None) -> Any:
+        """A context in which ``params`` (default: the backbone's) are whole on every rank: under
+        ZeRO-3 DeepSpeed partitions them, so exporting or sampling must gather them first."""
+        import contextlib
+
+        if self.job.train.deepspeed.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = list(self.model.backbone.parameters()) if params is None else list(params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     @property
     def lr(self) -> float:
         if self.engine is None:

@@ -199,7 +199,7 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
     gas = job.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
         ctx.dataset,
-        batch_sampler=_from_position(ctx.sampler),
+        batch_sampler=ctx.sampler,
         collate_fn=collate,
         num_workers=job.train.num_workers,
         persistent_workers=False,
@@ -231,14 +231,15 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
         ctx.step += 1
         if ctx.ema is not None:
             ctx.ema.update()
-        last_loss = all_mean(sum(step_losses) / len(step_losses))
+        last_loss = sum(step_losses) / len(step_losses)
         window_losses.append(last_loss)
         window_samples += ctx.sampler.global_batch * gas
         if ctx.step % job.train.log_every == 0 or ctx.step == job.train.steps:
             now = time.time()
             logs = {
                 "step": ctx.step,
-                "loss": sum(window_losses) / len(window_losses),
+                # one reduction per logged step, not per step: the mean over ranks is linear
+                "loss": all_mean(sum(window_losses) / len(window_losses)),
                 "lr": ctx.lr,
                 "samples_per_sec": window_samples / max(now - window_start, 1e-9),
                 "elapsed_s": now - ctx.start_time,
@@ -250,7 +251,7 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
             logs = None
         for cb in callbacks:
             cb.on_step_end(ctx, logs)
-    return last_loss
+    return None if last_loss is None else all_mean(last_loss)
 
 
 def _nan_message(ctx: TrainContext, value: float) -> str:
@@ -259,14 +260,6 @@ def _nan_message(ctx: TrainContext, value: float) -> str:
         f"loss became {value} at step {ctx.step + 1}; training stopped and {kept}. "
         "Lower train.lr, raise warmup_steps, or use bf16 instead of fp16"
     )
-
-
-def _from_position(sampler: BucketBatchSampler):
-    class _Batches:
-        def __iter__(self):
-            return iter(sampler)
-
-    return _Batches()
 
 
 def _param_names(model: Any, params: list[torch.nn.Parameter]) -> list[str]:
