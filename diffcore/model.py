@@ -58,7 +58,8 @@ class DiffusionModel:
             module.to(device=device)
         if self.autoencoder is not None:
             ae = self.autoencoder
-            (ae.to(device) if hasattr(ae, "to") else getattr(ae, "module", ae).to(device))
+            target = ae if hasattr(ae, "to") else ae.module
+            target.to(device)
         return self
 
     # -- latents ---------------------------------------------------------------------------------

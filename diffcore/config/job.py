@@ -336,4 +336,4 @@ def dump_job(job: Job) -> str:
     return yaml.safe_dump(job.to_dict(), sort_keys=False)
 
 
-__all__ = ["ExpectedError", "Job", "Section", "TrainConfig", "DeepSpeedConfig", "load_job", "structure_job"]
+__all__ = ["Job", "Section", "TrainConfig", "DeepSpeedConfig", "load_job", "structure_job"]
