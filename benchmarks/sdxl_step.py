@@ -46,7 +46,7 @@ def _setup(side: str, args: argparse.Namespace):
     """(step function, device) for one side: model, AdamW and fixed random inputs."""
     import torch
     from diffcore_sdxl.config import UNetConfig
-    from diffcore_sdxl.unet import UNet
+    from diffcore_sdxl.network import UNet
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 

@@ -14,8 +14,8 @@ from diffcore.errors import UserError
 from diffcore.weights import Checkpoint, empty_weights, load_into
 from diffcore_dit.config import DiTArch, DiTConfig, arch_from_config, heads_for, parse_size
 from diffcore_dit.convert import from_diffusers, from_original_key
-from diffcore_dit.dit import ARCH_METADATA, DiTModel
-from diffcore_dit.model import DiT
+from diffcore_dit.model import ARCH_METADATA, DiTModel
+from diffcore_dit.network import DiT
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,7 +15,7 @@ from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig, TransformerShape
 from diffcore_flux.model import FluxModel
 from diffcore_flux.text import load_text_encoders
-from diffcore_flux.transformer import FluxTransformer
+from diffcore_flux.network import FluxTransformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,7 +16,7 @@ from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig
 from diffcore_flux.packing import image_ids, pack, sequence_length, text_ids, unpack
 from diffcore_flux.text import FluxTextEncoders
-from diffcore_flux.transformer import FluxTransformer
+from diffcore_flux.network import FluxTransformer
 
 #: what kohya, ai-toolkit and diffusers' Flux LoRA recipes wrap: attention, MLP and modulation linears
 ADAPTER_TARGETS = [

@@ -18,7 +18,7 @@ from diffcore.errors import UserError
 from diffcore.weights import Checkpoint, empty_weights, load_into
 from diffcore_sdxl.config import TEXT_PRESETS, UNET_PRESETS, SDConfig, UNetConfig
 from diffcore_sdxl.convert import TEXT_PREFIXES, UNET_PREFIX, openclip_to_hf, original_to_unet_names
-from diffcore_sdxl.unet import UNet
+from diffcore_sdxl.network import UNet
 
 #: safetensors metadata key: how many HF layers an SD2 single file's OpenCLIP tower maps to
 SD2_LAYERS_KEY = "diffcore.sd2_text_layers"

@@ -25,7 +25,7 @@ from diffcore_sdxl.convert import (
     unet_name_to_original,
 )
 from diffcore_sdxl.text import encode_windows, tokenize_windows, window_count
-from diffcore_sdxl.unet import UNet
+from diffcore_sdxl.network import UNet
 
 _DEFAULT_SCHEDULER = {
     "type": "ddpm",

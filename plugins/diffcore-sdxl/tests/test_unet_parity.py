@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffcore_sdxl.config import UNetConfig
-from diffcore_sdxl.unet import UNet
+from diffcore_sdxl.network import UNet
 from sdxl_tiny import SD15_UNET, SDXL_UNET
 
 diffusers = pytest.importorskip("diffusers")
