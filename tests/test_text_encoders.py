@@ -333,8 +333,9 @@ def test_missing_and_unknown_files_are_clear_user_errors(tmp_path):
         load_model("t5", T5Config(pretrained=str(tmp_path / "unet.safetensors")))
     with pytest.raises(UserError, match="no weights given for the clip-l text encoder"):
         locate_weights("clip-l", ClipConfig())
-    with pytest.raises(UserError, match="no text_encoder_2/ folder inside"):
-        load_model("clip-l", ClipConfig(pretrained=str(tmp_path), subfolder="text_encoder_2"))
+    with pytest.raises(UserError, match="holds no text_encoder_2/ folder"):
+        (tmp_path / "empty").mkdir()
+        load_model("clip-l", ClipConfig(pretrained=str(tmp_path / "empty"), subfolder="text_encoder_2"))
     with pytest.raises(UserError, match="unknown text encoder family 'clip-h'"):
         load_model("clip-h", ClipConfig())
 

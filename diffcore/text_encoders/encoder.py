@@ -12,14 +12,6 @@ from torch import nn
 from diffcore.errors import UserError
 from diffcore.text_encoders.config import EncoderConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_named(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise UserError(f"unknown dtype {name!r}", where="dtype", hint=f"use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 @attrs.frozen(eq=False)
 class Encoded:

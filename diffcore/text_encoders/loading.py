@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import nn
 
+from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
 from diffcore.text_encoders import clip, llm, t5
 from diffcore.text_encoders.config import CONFIGS, FAMILIES, ClipConfig, EncoderConfig, LLMConfig, T5Config
-from diffcore.text_encoders.encoder import TextEncoder, dtype_named
+from diffcore.text_encoders.encoder import TextEncoder
 from diffcore.text_encoders.sources import Source, load_tokenizer, locate, tokenizer_folder
 
 
@@ -46,8 +47,8 @@ def load_model(family: str, config: EncoderConfig) -> nn.Module:
         else:
             assert isinstance(config, LLMConfig)
             model = llm.random_llm(family, config)
-        return model.to(dtype_named(config.dtype))
-    dtype = dtype_named(config.dtype)
+        return model.to(torch_dtype(config.dtype))
+    dtype = torch_dtype(config.dtype)
     source = locate_weights(family, config)
     if isinstance(config, ClipConfig):
         return clip.load_clip(source, family, config, dtype)

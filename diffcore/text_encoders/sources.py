@@ -3,7 +3,6 @@ folder, or a single safetensors file holding the tower under some key prefix."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import attrs
 
 from diffcore.errors import UserError
+from diffcore.locate import locate as find
 from diffcore.text_encoders.config import EncoderConfig
 from diffcore.weights import Checkpoint
 
@@ -47,50 +47,31 @@ class Source:
         return self.checkpoint.items(self.prefix)
 
 
-def _component_folder(config: EncoderConfig, family: str) -> Path:
+def locate(config: EncoderConfig, family: str, prefixes: Sequence[str], anchors: Sequence[str]) -> Source:
+    """The weights named by ``config``. A tower is found under the first of ``config.prefix`` (if set)
+    or ``prefixes`` at which one of the ``anchors`` keys exists."""
     if config.pretrained is None:
         raise UserError(
             f"no weights given for the {family} text encoder",
             where="pretrained",
             hint="set pretrained to a diffusers folder or a .safetensors file",
         )
-    root = Path(config.pretrained)
-    if not root.exists():
-        raise UserError(
-            "no such file or folder", where=str(root), hint=f"pretrained of the {family} text encoder"
-        )
-    if config.subfolder is not None and root.is_dir():
-        sub = root / config.subfolder
-        if not sub.is_dir():
-            raise UserError(
-                f"no {config.subfolder}/ folder inside",
-                where=str(root),
-                hint="is this a diffusers pipeline folder?",
-            )
-        return sub
-    return root
-
-
-def locate(config: EncoderConfig, family: str, prefixes: Sequence[str], anchors: Sequence[str]) -> Source:
-    """The weights named by ``config``. A tower is found under the first of ``config.prefix`` (if set)
-    or ``prefixes`` at which one of the ``anchors`` keys exists."""
-    path = _component_folder(config, family)
-    checkpoint = Checkpoint(path)
-    data = None
-    if path.is_dir() and (path / "config.json").exists():
-        data = json.loads((path / "config.json").read_text())
+    found = find(config.pretrained, config.subfolder or "text_encoder", what=f"a {family} text encoder")
+    checkpoint = found.checkpoint()
+    data = found.config
+    if data is not None:
         # composite configs (CLIPConfig, Mistral3Config) nest the text model's own fields
         data = data.get("text_config", data)
     tried = [config.prefix] if config.prefix is not None else list(prefixes)
     keys = set(checkpoint.keys())
     for prefix in tried:
         if any(prefix + anchor in keys for anchor in anchors):
-            where = str(path) + (f" ({prefix}*)" if prefix else "")
-            return Source(checkpoint, prefix, data, path if path.is_dir() else None, where)
+            where = found.where + (f" ({prefix}*)" if prefix else "")
+            return Source(checkpoint, prefix, data, None if found.is_file else found.path, where)
     shown = ", ".join(repr(p) for p in tried)
     raise UserError(
         f"no {family} text encoder in these weights (looked for {anchors[0]!r} under {shown})",
-        where=str(path),
+        where=found.where,
         hint="is this the right file? set prefix to where the encoder's keys start",
     )
 
