@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import diffcore
+from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
+from diffcore.locate import locate
 from diffcore.weights import Checkpoint, empty_weights, load_into
 from diffcore_dit.config import DiTArch, DiTConfig, arch_from_config, heads_for, parse_size
-from diffcore_dit.convert import from_diffusers, from_original_key
+from diffcore_dit.convert import from_diffusers, from_original
 from diffcore_dit.model import ARCH_METADATA, DiTModel
 from diffcore_dit.network import DiT
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_model(config: DiTConfig) -> DiTModel:
     """The ``dit`` factory: ``diffcore.load_model("dit", pretrained=..., **options)`` lands here."""
-    dtype = _DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype, "$.model.dtype")
     autoencoder = None
     latent_channels = None
     if config.autoencoder is not None and config.load_encoders:
@@ -50,27 +49,12 @@ def build_model(config: DiTConfig) -> DiTModel:
     return model
 
 
-def _locate(path: Path) -> tuple[Path, dict[str, Any] | None]:
-    """(weights location, diffusers config or None) for a file, a diffusers model folder or a pipeline
-    folder with a transformer/ subfolder."""
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "transformer").is_dir():
-            path = path / "transformer"
-        config_file = path / "config.json"
-        if config_file.exists():
-            try:
-                return path, json.loads(config_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise UserError(f"config.json is not valid JSON: {exc}", where=str(config_file)) from None
-    return path, None
-
-
 def load_backbone(pretrained: str, config: DiTConfig, dtype: torch.dtype) -> DiT:
     """A DiT filled from ``pretrained`` (layout detected from the keys), never randomly initialised."""
     where = str(pretrained)
-    path, diffusers_config = _locate(Path(pretrained))
-    checkpoint = Checkpoint(path)
-    keys = checkpoint.keys()
+    located = locate(pretrained, "transformer", what="a DiT checkpoint")
+    diffusers_config = located.config
+    checkpoint = located.checkpoint()
     if "pos_embed.proj.weight" in checkpoint:
         layout = "diffusers"
     elif "x_embedder.proj.weight" in checkpoint:
@@ -85,11 +69,12 @@ def load_backbone(pretrained: str, config: DiTConfig, dtype: torch.dtype) -> DiT
     arch = _arch_of(checkpoint, layout, diffusers_config, config, where)
     with empty_weights():
         backbone = DiT(arch)
+    own = backbone.state_dict()
     if layout == "diffusers":
-        stream = from_diffusers(keys, checkpoint.get, arch.depth, where=where)
-        load_into(backbone, stream, where=where, dtype=dtype)
+        stream = from_diffusers(checkpoint.items(), own, arch.depth, where=where)
     else:
-        load_into(backbone, checkpoint.items(), where=where, dtype=dtype, rename=from_original_key)
+        stream = from_original(checkpoint.items(), own, where=where)
+    load_into(backbone, stream, where=where, dtype=dtype)
     backbone.init_buffers()
     return backbone
 

@@ -92,7 +92,7 @@ class DiTModel(DiffusionModel):
 
     def load_exported(self, tensors: Mapping[str, torch.Tensor], where: str = "model.safetensors") -> None:
         """Fill the backbone from what :meth:`export_state_dict` wrote in the diffusers layout."""
-        stream = from_diffusers(list(tensors), tensors.__getitem__, self.arch.depth, where=where)
+        stream = from_diffusers(tensors.items(), self.backbone.state_dict(), self.arch.depth, where=where)
         load_into(self.backbone, stream, where=where, device=self.device, dtype=self.dtype)
         self.backbone.init_buffers()
 
