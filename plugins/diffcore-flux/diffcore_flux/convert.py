@@ -1,4 +1,5 @@
-"""Key maps between diffcore's Flux modules, BFL's original files and diffusers' FluxTransformer2DModel.
+"""Key maps between diffcore's Flux modules, BFL's original files and diffusers' FluxTransformer2DModel,
+as :mod:`diffcore.keymap` rules.
 
 diffcore's module paths are BFL's, so the original layout differs only in the QK-norm gain name
 (``scale`` there, ``weight`` here) and an optional ``model.diffusion_model.`` prefix (ComfyUI files).
@@ -9,150 +10,117 @@ diffusers splits BFL's fused projections: ``img_attn.qkv`` into ``to_q/k/v`` and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
+from diffcore.keymap import KeyMap, Rule, Split, SwapHalves
 from diffcore_flux.config import TransformerShape
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_NORM_GAIN = re.compile(r"(\.(?:query|key)_norm)\.(scale|weight)$")
 
-# (native module regex, diffusers module template(s), how the rows split)
-_DOUBLE = "transformer_blocks.{0}."
-_SINGLE = "single_transformer_blocks.{0}."
-_RULES: list[tuple[str, tuple[str, ...], str]] = [
-    (r"img_in", ("x_embedder",), ""),
-    (r"txt_in", ("context_embedder",), ""),
-    (r"time_in\.(in|out)_layer", ("time_text_embed.timestep_embedder.linear_{L}",), ""),
-    (r"vector_in\.(in|out)_layer", ("time_text_embed.text_embedder.linear_{L}",), ""),
-    (r"guidance_in\.(in|out)_layer", ("time_text_embed.guidance_embedder.linear_{L}",), ""),
-    (r"final_layer\.linear", ("proj_out",), ""),
-    (r"final_layer\.adaLN_modulation\.1", ("norm_out.linear",), "swap"),
-    (r"double_blocks\.(\d+)\.img_mod\.lin", (_DOUBLE + "norm1.linear",), ""),
-    (r"double_blocks\.(\d+)\.txt_mod\.lin", (_DOUBLE + "norm1_context.linear",), ""),
-    (r"double_blocks\.(\d+)\.img_attn\.qkv", tuple(_DOUBLE + f"attn.to_{x}" for x in "qkv"), "qkv"),
-    (r"double_blocks\.(\d+)\.txt_attn\.qkv", tuple(_DOUBLE + f"attn.add_{x}_proj" for x in "qkv"), "qkv"),
-    (r"double_blocks\.(\d+)\.img_attn\.proj", (_DOUBLE + "attn.to_out.0",), ""),
-    (r"double_blocks\.(\d+)\.txt_attn\.proj", (_DOUBLE + "attn.to_add_out",), ""),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm", (_DOUBLE + "attn.norm_q",), ""),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm", (_DOUBLE + "attn.norm_k",), ""),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm", (_DOUBLE + "attn.norm_added_q",), ""),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm", (_DOUBLE + "attn.norm_added_k",), ""),
-    (r"double_blocks\.(\d+)\.img_mlp\.0", (_DOUBLE + "ff.net.0.proj",), ""),
-    (r"double_blocks\.(\d+)\.img_mlp\.2", (_DOUBLE + "ff.net.2",), ""),
-    (r"double_blocks\.(\d+)\.txt_mlp\.0", (_DOUBLE + "ff_context.net.0.proj",), ""),
-    (r"double_blocks\.(\d+)\.txt_mlp\.2", (_DOUBLE + "ff_context.net.2",), ""),
-    (
-        r"single_blocks\.(\d+)\.linear1",
-        tuple(_SINGLE + x for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-        "linear1",
+ORIGINAL_RULES = (
+    Rule("*.query_norm.weight", "*.query_norm.scale"),
+    Rule("*.key_norm.weight", "*.key_norm.scale"),
+    Rule("*", "*"),
+)
+
+_D = "transformer_blocks.{i}."
+_S = "single_transformer_blocks.{i}."
+_QKV = Split(("dim", "dim", "dim"))
+DIFFUSERS_RULES = (
+    Rule("img_in", "x_embedder"),
+    Rule("txt_in", "context_embedder"),
+    *(
+        Rule(f"{bfl}.{side}_layer", f"time_text_embed.{name}_embedder.linear_{n}")
+        for bfl, name in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance"))
+        for side, n in (("in", 1), ("out", 2))
     ),
-    (r"single_blocks\.(\d+)\.linear2", (_SINGLE + "proj_out",), ""),
-    (r"single_blocks\.(\d+)\.modulation\.lin", (_SINGLE + "norm.linear",), ""),
-    (r"single_blocks\.(\d+)\.norm\.query_norm", (_SINGLE + "attn.norm_q",), ""),
-    (r"single_blocks\.(\d+)\.norm\.key_norm", (_SINGLE + "attn.norm_k",), ""),
-]
-_COMPILED = [(re.compile(pattern + "$"), names, split) for pattern, names, split in _RULES]
+    Rule("final_layer.linear", "proj_out"),
+    Rule("final_layer.adaLN_modulation.1", "norm_out.linear", SwapHalves()),
+    Rule("double_blocks.{i}.img_mod.lin", _D + "norm1.linear"),
+    Rule("double_blocks.{i}.txt_mod.lin", _D + "norm1_context.linear"),
+    Rule("double_blocks.{i}.img_attn.qkv", tuple(_D + f"attn.to_{x}" for x in "qkv"), _QKV),
+    Rule("double_blocks.{i}.txt_attn.qkv", tuple(_D + f"attn.add_{x}_proj" for x in "qkv"), _QKV),
+    Rule("double_blocks.{i}.img_attn.proj", _D + "attn.to_out.0"),
+    Rule("double_blocks.{i}.txt_attn.proj", _D + "attn.to_add_out"),
+    Rule("double_blocks.{i}.img_attn.norm.query_norm", _D + "attn.norm_q"),
+    Rule("double_blocks.{i}.img_attn.norm.key_norm", _D + "attn.norm_k"),
+    Rule("double_blocks.{i}.txt_attn.norm.query_norm", _D + "attn.norm_added_q"),
+    Rule("double_blocks.{i}.txt_attn.norm.key_norm", _D + "attn.norm_added_k"),
+    Rule("double_blocks.{i}.img_mlp.0", _D + "ff.net.0.proj"),
+    Rule("double_blocks.{i}.img_mlp.2", _D + "ff.net.2"),
+    Rule("double_blocks.{i}.txt_mlp.0", _D + "ff_context.net.0.proj"),
+    Rule("double_blocks.{i}.txt_mlp.2", _D + "ff_context.net.2"),
+    Rule(
+        "single_blocks.{i}.linear1",
+        tuple(_S + x for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+        Split(("dim", "dim", "dim", None)),  # the MLP takes the remaining rows
+    ),
+    Rule("single_blocks.{i}.linear2", _S + "proj_out"),
+    Rule("single_blocks.{i}.modulation.lin", _S + "norm.linear"),
+    Rule("single_blocks.{i}.norm.query_norm", _S + "attn.norm_q"),
+    Rule("single_blocks.{i}.norm.key_norm", _S + "attn.norm_k"),
+)
+
+
+def original() -> KeyMap:
+    return KeyMap(ORIGINAL_RULES, name="original")
+
+
+def diffusers(dim: int) -> KeyMap:
+    return KeyMap(DIFFUSERS_RULES, {"dim": dim}, name="diffusers")
 
 
 def diffusers_modules(path: str, dim: int) -> tuple[list[tuple[str, int | None]], str] | None:
     """The diffusers module(s) holding native module ``path``, each with its row count in a fused
-    weight (None when not fused), and the split kind ("", "qkv", "linear1", "swap"); None if unmapped."""
-    for pattern, names, split in _COMPILED:
-        m = pattern.match(path)
-        if not m:
-            continue
-        group = m.group(1) if m.groups() else ""
-        filled = [n.format(group, L="1" if group == "in" else "2") for n in names]
-        if split == "qkv":
-            return [(n, dim) for n in filled], split
-        if split == "linear1":
-            return [(n, dim) for n in filled[:3]] + [(filled[3], None)], split
-        return [(filled[0], None)], split
-    return None
-
-
-def _parts(tensor: torch.Tensor, split: str, dim: int) -> list[torch.Tensor]:
-    if split == "qkv":
-        return list(tensor.chunk(3, dim=0))
-    if split == "linear1":
-        return list(tensor.split((dim, dim, dim, tensor.shape[0] - 3 * dim), dim=0))
-    if split == "swap":
-        return [torch.cat(tensor.chunk(2, dim=0)[::-1])]
-    return [tensor]
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    module, _, leaf = key.rpartition(".")
-    return module, leaf
+    weight (None when not fused, or for linear1's MLP remainder), and the split kind ("", "qkv",
+    "linear1"); None if unmapped."""
+    keymap = diffusers(dim)
+    names = keymap.file_names(path)
+    if names is None:
+        return None
+    rows = keymap.rows(path)
+    if rows is None:
+        return [(names[0], None)], ""
+    return list(zip(names, rows, strict=True)), "qkv" if len(names) == 3 else "linear1"
 
 
 def to_diffusers(state: Iterable[tuple[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
     """Native (diffcore) tensors -> diffusers FluxTransformer2DModel keys."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state:
-        module, leaf = _split_key(key)
-        mapped = diffusers_modules(module, dim)
-        if mapped is None:
-            raise KeyError(f"no diffusers name for {key}")
-        targets, split = mapped
-        for (name, _), part in zip(targets, _parts(tensor, split, dim), strict=True):
-            out[f"{name}.{leaf}"] = part
-    return out
+    return dict(diffusers(dim).save(state))
 
 
 def to_original(state: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Native tensors -> BFL's original single-file keys."""
-    return {_NORM_GAIN.sub(r"\1.scale", key): tensor for key, tensor in state}
+    return dict(original().save(state))
 
 
-def original_rename(keys: Iterable[str]) -> Any:
-    """A ``load_into`` rename for an original file: strips a ComfyUI prefix (dropping the VAE and text
-    encoder keys of all-in-one files) and renames the QK-norm gains."""
-    prefix = next((p for p in ORIGINAL_PREFIXES if any(k.startswith(p) for k in keys)), "")
+def original_prefix(keys: Iterable[str]) -> str:
+    """The ComfyUI prefix of an original file's transformer keys ("" for BFL's own files)."""
+    keys = list(keys)
+    return next((p for p in ORIGINAL_PREFIXES if any(k.startswith(p) for k in keys)), "")
 
-    def rename(key: str) -> str | None:
-        if not key.startswith(prefix):
-            return None
-        return _NORM_GAIN.sub(r"\1.weight", key[len(prefix) :])
 
-    return rename, prefix
+def from_original(
+    items: Iterable[tuple[str, torch.Tensor]], native_keys: Iterable[str], *, where: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream an original file's tensors (prefix removed) as native ones."""
+    return original().load(items, native_keys, where=where)
 
 
 def from_diffusers(
-    items: Iterable[tuple[str, torch.Tensor]], native_keys: Iterable[str], dim: int
+    items: Iterable[tuple[str, torch.Tensor]],
+    native_keys: Iterable[str],
+    dim: int,
+    *,
+    where: str = "diffusers weights",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream diffusers tensors as native ones, fusing split projections once all their parts arrived.
-
-    Keys with no native counterpart pass through unchanged (``load_into`` reports them as unexpected).
-    """
-    where: dict[str, tuple[str, int, int, str]] = {}
-    for key in native_keys:
-        module, leaf = _split_key(key)
-        mapped = diffusers_modules(module, dim)
-        if mapped is None:
-            continue
-        targets, split = mapped
-        for i, (name, _) in enumerate(targets):
-            where[f"{name}.{leaf}"] = (key, i, len(targets), split)
-    pending: dict[str, dict[int, torch.Tensor]] = {}
-    for key, tensor in items:
-        if key not in where:
-            yield key, tensor
-            continue
-        native, index, count, split = where[key]
-        if count == 1:
-            yield native, _parts(tensor, split, dim)[0]
-            continue
-        parts = pending.setdefault(native, {})
-        parts[index] = tensor
-        if len(parts) == count:
-            del pending[native]
-            yield native, torch.cat([parts[i] for i in range(count)], dim=0)
-    # A fused weight with parts missing is never yielded, so load_into reports it as missing.
+    A key no rule claims is a UserError; a fused weight with parts missing is never yielded, so the
+    loader reports it as missing."""
+    return diffusers(dim).load(items, native_keys, where=where)
 
 
 def shape_from_diffusers_config(
@@ -217,14 +185,14 @@ def diffusers_config(shape: TransformerShape) -> dict[str, Any]:
 def shape_from_original(
     keys: set[str], shape_of: Callable[[str], tuple[int, ...]], axes_dim: Iterable[int], theta: float
 ) -> TransformerShape:
-    """Sizes of a BFL file from its (renamed) keys and a few small tensors' shapes."""
+    """Sizes of a BFL file from its keys (prefix removed) and a few small tensors' shapes."""
 
     def count(prefix: str) -> int:
         found = {int(k.split(".")[1]) for k in keys if k.startswith(prefix)}
         return max(found) + 1 if found else 0
 
     hidden, in_channels = shape_of("img_in.weight")
-    head_dim = shape_of("double_blocks.0.img_attn.norm.query_norm.weight")[0]
+    head_dim = shape_of("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     mlp_hidden = shape_of("double_blocks.0.img_mlp.0.bias")[0]
     return TransformerShape(
         hidden_size=hidden,

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
-from diffcore.weights import Checkpoint, empty_weights, load_into
+from diffcore.locate import Located, locate
+from diffcore.weights import empty_weights, load_into
 from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig, TransformerShape
 from diffcore_flux.model import FluxModel
-from diffcore_flux.text import load_text_encoders
 from diffcore_flux.network import FluxTransformer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from diffcore_flux.text import load_text_encoders
 
 
 @attrs.frozen
 class Sources:
     """Where each part comes from (None: not given)."""
 
-    transformer: Path | None
+    transformer: Located | None
     text_encoder: Path | None
     text_encoder_2: Path | None
     tokenizer: Path | None
@@ -34,34 +33,17 @@ class Sources:
 
 def resolve(config: FluxConfig) -> Sources:
     """Fill unset paths from a diffusers pipeline folder given as ``pretrained``."""
-    pipeline: Path | None = None
-    transformer: Path | None = None
+    located = None
     if config.pretrained is not None:
-        root = Path(config.pretrained)
-        if not root.exists():
-            raise UserError("no such file or folder", where=str(root), hint="check model.pretrained")
-        if root.is_file():
-            transformer = root
-        elif (root / "transformer").is_dir():
-            pipeline, transformer = root, root / "transformer"
-        elif (root / "config.json").exists():
-            transformer = root
-        else:
-            raise UserError(
-                "not a Flux checkpoint: expected a diffusers pipeline folder (with transformer/), a transformer "
-                "folder (with config.json) or BFL's single .safetensors file",
-                where=str(root),
-            )
+        located = locate(config.pretrained, "transformer", what="a Flux checkpoint")
 
     def part(value: str | None, name: str) -> Path | None:
         if value is not None:
             return Path(value)
-        if pipeline is not None and (pipeline / name).exists():
-            return pipeline / name
-        return None
+        return located.part(name) if located is not None else None
 
     return Sources(
-        transformer=transformer,
+        transformer=located,
         text_encoder=part(config.text_encoder, "text_encoder"),
         text_encoder_2=part(config.text_encoder_2, "text_encoder_2"),
         tokenizer=part(config.tokenizer, "tokenizer"),
@@ -83,20 +65,19 @@ def _check_variant(shape: TransformerShape, config: FluxConfig, where: str) -> N
         )
 
 
-def load_transformer(path: Path, config: FluxConfig, dtype: torch.dtype) -> FluxTransformer:
+def load_transformer(located: Located, config: FluxConfig, dtype: torch.dtype) -> FluxTransformer:
     """A Flux transformer from a diffusers folder, BFL's (or ComfyUI's) single file, or a single file
     with diffusers key names; streamed into a module built on the meta device."""
-    where = str(path)
-    if path.is_dir():
-        diffusers_config = json.loads((path / "config.json").read_text())
-        return _from_diffusers(Checkpoint(path).items(), diffusers_config, config, dtype, where)
-    checkpoint = Checkpoint(path)
-    rename, _ = convert.original_rename(checkpoint.keys())
-    file_key = {rename(k): k for k in checkpoint.keys() if rename(k) is not None}
-    if "img_in.weight" not in file_key:
-        prefix = "transformer." if any(k.startswith("transformer.") for k in checkpoint.keys()) else ""
+    where = located.where
+    checkpoint = located.checkpoint()
+    if located.config is not None:
+        return _from_diffusers(checkpoint.items(), located.config, config, dtype, where)
+    keys = checkpoint.keys()
+    prefix = convert.original_prefix(keys)
+    if prefix + "img_in.weight" not in checkpoint:
+        prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
         if prefix + "x_embedder.weight" in checkpoint:
-            shapes = {k[len(prefix) :]: k for k in checkpoint.keys() if k.startswith(prefix)}
+            shapes = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
             diffusers_config = convert.diffusers_config_from_keys(
                 set(shapes), lambda k: tuple(checkpoint.get(shapes[k]).shape), config.axes_dim
             )
@@ -106,13 +87,16 @@ def load_transformer(path: Path, config: FluxConfig, dtype: torch.dtype) -> Flux
             where=where,
             hint="pass a diffusers transformer folder or BFL's flux1-*.safetensors",
         )
+    own = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
     shape = convert.shape_from_original(
-        set(file_key), lambda k: tuple(checkpoint.get(file_key[k]).shape), config.axes_dim, config.theta
+        own, lambda k: tuple(checkpoint.get(prefix + k).shape), config.axes_dim, config.theta
     )
     _check_variant(shape, config, where)
     with empty_weights():
         backbone = FluxTransformer(shape)
-    return load_into(backbone, checkpoint.items(), where=where, dtype=dtype, rename=rename)
+    # an all-in-one ComfyUI file also holds the VAE and text encoders: only the prefix is read
+    stream = convert.from_original(checkpoint.items(prefix), backbone.state_dict(), where=where)
+    return load_into(backbone, stream, where=where, dtype=dtype)
 
 
 def _from_diffusers(
@@ -122,16 +106,14 @@ def _from_diffusers(
     _check_variant(shape, config, where)
     with empty_weights():
         backbone = FluxTransformer(shape)
-    native = list(backbone.state_dict())
-    return load_into(
-        backbone, convert.from_diffusers(items, native, shape.hidden_size), where=where, dtype=dtype
-    )
+    stream = convert.from_diffusers(items, backbone.state_dict(), shape.hidden_size, where=where)
+    return load_into(backbone, stream, where=where, dtype=dtype)
 
 
 def build_flux(config: FluxConfig) -> FluxModel:
     """The factory behind ``model: {type: flux}`` and ``diffcore.load_model("flux", ...)``."""
-    dtype = _DTYPES[config.dtype]
-    frozen_dtype = _DTYPES[config.frozen_dtype or config.dtype]
+    dtype = torch_dtype(config.dtype, "$.model.dtype")
+    frozen_dtype = torch_dtype(config.frozen_dtype or config.dtype, "$.model.frozen_dtype")
     sources = resolve(config)
     if sources.transformer is not None:
         backbone = load_transformer(sources.transformer, config, dtype)
