@@ -1,12 +1,12 @@
 """Building the UNet and text encoders from a diffusers folder, an original single file, or nothing.
 
-Modules are created on the meta device and filled tensor by tensor (diffcore.weights.load_into); a
-random model (``pretrained`` None) is for tests and from-scratch experiments.
+Modules are created on the meta device and filled tensor by tensor (diffcore.weights.load_into; the
+CLIP towers through diffcore.text_encoders); a random model (``pretrained`` None) is for tests and
+from-scratch experiments.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,15 @@ from typing import Any
 import attrs
 import torch
 
+from diffcore import text_encoders
+from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
+from diffcore.text_encoders import ClipConfig, OpenClipConfig
+from diffcore.text_encoders import canonical_clip_state as canonical_clip_state
+from diffcore.text_encoders import load_tokenizer as load_tokenizer
 from diffcore.weights import Checkpoint, empty_weights, load_into
 from diffcore_sdxl.config import TEXT_PRESETS, UNET_PRESETS, SDConfig, UNetConfig
-from diffcore_sdxl.convert import TEXT_PREFIXES, UNET_PREFIX, openclip_to_hf, original_to_unet_names
+from diffcore_sdxl.convert import TEXT_PREFIXES, UNET_PREFIX, unet_keymap
 from diffcore_sdxl.network import UNet
 
 #: safetensors metadata key: how many HF layers an SD2 single file's OpenCLIP tower maps to
@@ -93,63 +98,17 @@ def load_unet(cfg: UNetConfig, source: Checkpoint | None, *, original: bool, whe
         unet = UNet(cfg)
     if not original:
         return load_into(unet, source.items(), where=where)
-    names = original_to_unet_names(unet.state_dict().keys(), cfg)
-    return load_into(unet, source.items(UNET_PREFIX), where=where, rename=lambda k: names.get(k, k))
+    stream = unet_keymap(cfg).load(source.items(UNET_PREFIX), unet.state_dict(), where=where)
+    return load_into(unet, stream, where=where)
 
 
-# -- text encoders -------------------------------------------------------------------------------
-def _clip_config(kwargs: dict[str, Any]) -> Any:
-    from transformers import CLIPTextConfig
-
-    base = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    return CLIPTextConfig(**{**base, **kwargs})
-
-
-def _build_clip(config: Any, projection: bool, meta: bool) -> torch.nn.Module:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    if not meta:
-        return cls(config)
-    with empty_weights():
-        return cls(config)
-
-
-def _finish(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    # position_ids is a non-persistent buffer: load_into leaves it zeroed, CLIP needs 0..L-1
-    for name, buf in list(model.named_buffers()):
-        if name.endswith("position_ids"):
-            owner = model.get_submodule(name.rpartition(".")[0])
-            owner.position_ids = torch.arange(buf.shape[-1], device=buf.device).expand(1, -1).clone()
-    return model.to(dtype).eval()
-
-
-def clip_renamer(model: torch.nn.Module) -> Any:
-    """Map published HF CLIP keys (``text_model.*``) onto ``model``, whichever way the installed
-    transformers nests the text transformer (version 5's CLIPTextModel drops ``text_model.``)."""
-    own = set(model.state_dict())
-
-    def rename(key: str) -> str | None:
-        if key.endswith("position_ids"):
-            return None
-        for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
-            if candidate in own:
-                return candidate
-        return key
-
-    return rename
-
-
-def canonical_clip_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The text model's tensors under the published key names (``text_model.*``, ``text_projection``)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("position_ids"):
-            continue
-        if not key.startswith(("text_model.", "text_projection.")):
-            key = "text_model." + key
-        out[key] = value.detach()
-    return out
+# -- text encoders (built by diffcore.text_encoders) ------------------------------------------------
+def _text_encoder(family: str, slot: str, dtype: torch.dtype, options: dict[str, Any], **where: Any):
+    """SDXL's te2 is OpenCLIP bigG with its projection, SD2's te1 OpenCLIP-H without; the others CLIP-L."""
+    openclip = TEXT_PREFIXES[family][slot][1]
+    name, config_class = ("openclip-bigg", OpenClipConfig) if openclip else ("clip-l", ClipConfig)
+    config = config_class(projection=slot == "te2", dtype=str(dtype), options=options, **where)
+    return text_encoders.load_model(name, config)
 
 
 def text_preset(family: str, slot: str) -> dict[str, Any]:
@@ -159,87 +118,28 @@ def text_preset(family: str, slot: str) -> dict[str, Any]:
 
 
 def random_text_encoder(family: str, slot: str, overrides: dict[str, Any]) -> torch.nn.Module:
-    config = _clip_config({**text_preset(family, slot), **overrides})
-    return _finish(_build_clip(config, slot == "te2", meta=False), torch.float32)
+    return _text_encoder(family, slot, torch.float32, {**text_preset(family, slot), **overrides})
 
 
 def folder_text_encoder(
     folder: Path, slot: str, overrides: dict[str, Any], dtype: torch.dtype
 ) -> torch.nn.Module:
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise UserError("text encoder folder has no config.json", where=str(folder))
-    config = _clip_config({**json.loads(config_file.read_text()), **overrides})
-    model = _build_clip(config, slot == "te2", meta=True)
-    load_into(model, Checkpoint(folder).items(), where=str(folder), dtype=dtype, rename=clip_renamer(model))
-    return _finish(model, dtype)
+    # the folder's config.json says what the tower is; the family only picks the model class
+    return _text_encoder("sdxl", slot, dtype, dict(overrides), pretrained=str(folder))
 
 
 def single_file_text_encoder(
     ckpt: Checkpoint, family: str, slot: str, overrides: dict[str, Any], dtype: torch.dtype
 ) -> torch.nn.Module:
-    prefix, openclip = TEXT_PREFIXES[family][slot]
-    keys = [k[len(prefix) :] for k in ckpt.keys() if k.startswith(prefix)]
-    if not keys:
-        raise UserError(
-            f"no text encoder weights under {prefix!r}",
-            where=str(ckpt.path),
-            hint=f"is this a {family} checkpoint?",
-        )
-    if openclip:
-        layers = len({k.split(".")[2] for k in keys if k.startswith("transformer.resblocks.")})
-        if family == "sd21":
-            # SD2 conditions on the penultimate layer; the HF tower omits the last one
-            layers = int(ckpt.metadata.get(SD2_LAYERS_KEY, layers - 1))
-        tok = tuple(ckpt.get(prefix + "token_embedding.weight").shape)
-        shape = dict(
-            vocab_size=tok[0],
-            hidden_size=tok[1],
-            max_position_embeddings=ckpt.get(prefix + "positional_embedding").shape[0],
-            intermediate_size=ckpt.get(prefix + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-            num_hidden_layers=layers,
-            hidden_act="gelu",
-        )
-        if prefix + "text_projection" in ckpt:
-            shape["projection_dim"] = ckpt.get(prefix + "text_projection").shape[1]
-        items = openclip_to_hf(ckpt.items(prefix), layers)
-    else:
-        # older SD1 files lack the ``text_model.`` level
-        has_level = any(k.startswith("text_model.") for k in keys)
-        lead = "" if has_level else "text_model."
-        base = prefix + ("text_model." if has_level else "")
-        inner = [k.removeprefix("text_model.") for k in keys]
-        tok = tuple(ckpt.get(base + "embeddings.token_embedding.weight").shape)
-        shape = dict(
-            vocab_size=tok[0],
-            hidden_size=tok[1],
-            max_position_embeddings=ckpt.get(base + "embeddings.position_embedding.weight").shape[0],
-            intermediate_size=ckpt.get(base + "encoder.layers.0.mlp.fc1.weight").shape[0],
-            num_hidden_layers=len({k.split(".")[2] for k in inner if k.startswith("encoder.layers.")}),
-            hidden_act="quick_gelu",
-        )
-        items = ((lead + k, v) for k, v in ckpt.items(prefix) if not k.endswith("position_ids"))
-    shape["num_attention_heads"] = max(1, shape["hidden_size"] // 64)
-    config = _clip_config({**text_preset(family, slot), **shape, **overrides})
-    model = _build_clip(config, slot == "te2", meta=True)
-    load_into(model, items, where=f"{ckpt.path} ({prefix}*)", dtype=dtype, rename=clip_renamer(model))
-    return _finish(model, dtype)
-
-
-def load_tokenizer(path: Path | str, pad_token: str | None = None) -> Any:
-    from transformers import CLIPTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(
-            "tokenizer folder not found", where=str(path), hint="point it at a CLIP tokenizer folder"
-        )
-    kwargs = {"pad_token": pad_token} if pad_token else {}
-    try:
-        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a CLIP tokenizer: {exc}", where=str(path)) from None
+    prefix = TEXT_PREFIXES[family][slot][0]
+    options = dict(overrides)
+    if family == "sd21":
+        # SD2 conditions on the penultimate layer; the HF tower omits the last one
+        tower = [k[len(prefix) :] for k in ckpt.keys() if k.startswith(prefix + "transformer.resblocks.")]
+        layers = len({k.split(".")[2] for k in tower})
+        options = {"num_hidden_layers": int(ckpt.metadata.get(SD2_LAYERS_KEY, layers - 1)), **overrides}
+    return _text_encoder(family, slot, dtype, options, pretrained=str(ckpt.path), prefix=prefix)
 
 
 def dtype_of(config: SDConfig) -> torch.dtype:
-    return getattr(torch, config.dtype)
+    return torch_dtype(config.dtype, "$.model.dtype")

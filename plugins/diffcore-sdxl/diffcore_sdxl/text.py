@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import torch
 
+from diffcore.text_encoders import hidden_layer
+
 Layer = Literal["last", "penultimate"]
 
 
@@ -52,7 +54,7 @@ def encode_windows(
     b = ids.shape[0]
     flat = ids.reshape(b * (ids.shape[1] // window), window).to(encoder.device)
     out = encoder(flat, output_hidden_states=layer == "penultimate")
-    hidden = out.last_hidden_state if layer == "last" else out.hidden_states[-2]
+    hidden = hidden_layer(out, layer)
     hidden = hidden.reshape(b, -1, hidden.shape[-1])
     pooled = getattr(out, "text_embeds", None)
     if pooled is not None:
