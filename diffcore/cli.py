@@ -1,132 +1,88 @@
 """The ``diffcore`` command line.
 
-Only argparse and the registry are imported up front: ``--help`` and ``plugins`` never import
+Every subcommand is a command record (``diffcore_register_commands``): the built-in ones
+(run, validate, plugins, sample, cache) and any a plugin adds. Building the parser imports only
+argparse, the registry and each command's argument set-up, so ``--help`` and ``plugins`` never import
 torch. A user error prints one message on stderr and exits 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from diffcore import __version__
 from diffcore.errors import PluginError, TrainingError, UserError
+from diffcore.version import PLUGIN_API, __version__
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ERROR = 1
+# what a shell reports for a process ended by SIGPIPE (128 + 13): `diffcore plugins | head`
+EXIT_BROKEN_PIPE = 141
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Any = None) -> argparse.ArgumentParser:
+    """The parser with one subcommand per command record of ``registry`` (default: the installed)."""
+    if registry is None:
+        from diffcore.registry import get_registry
+
+        registry = get_registry()
     parser = argparse.ArgumentParser(
         prog="diffcore", description="Train image diffusion models with plugins for every architecture and method."
     )
-    parser.add_argument("--version", action="version", version=f"diffcore {__version__}")
+    parser.add_argument("--version", action="version", version=f"diffcore {__version__} (plugin API {PLUGIN_API})")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", help="train a job")
-    run.add_argument("job", help="job YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a job value, e.g. --set train.lr=1e-4 (repeatable)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-    validate = sub.add_parser("validate", help="check a job without running it")
-    validate.add_argument("job", help="job YAML file")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-
-    plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
-    plugins.add_argument("--json", action="store_true", help="machine-readable output")
-
-    sample = sub.add_parser("sample", help="generate images from a trained or pretrained model")
-    cache = sub.add_parser("cache", help="precompute latent and text caches for a job")
-    _add_lazy(sample, "diffcore.commands.sample", "add_sample_arguments")
-    _add_lazy(cache, "diffcore.commands.cache", "add_cache_arguments")
+    # the built-in commands first, in the order they register, then the plugins' by name
+    entries = sorted(registry.components["command"].values(), key=lambda e: e.plugin != "builtin")
+    for entry in entries:
+        spec = entry.spec
+        command = sub.add_parser(spec.name, help=spec.description, description=spec.description)
+        try:
+            spec.add_arguments(command)
+        except Exception as exc:  # one broken command must not take the others down
+            command.set_defaults(_unavailable=f"{entry.distribution} could not set up its options: {exc}")
+            command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        command.set_defaults(_command=spec)
+    for (kind, name), _clash in sorted(registry.clashes.items()):
+        if kind == "command":
+            command = sub.add_parser(name, help="(unusable: registered by two plugins)")
+            command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            command.set_defaults(_unavailable=registry.unknown_message(kind, name))
     return parser
 
 
-def _add_lazy(parser: argparse.ArgumentParser, module: str, func: str) -> None:
-    import importlib
-
-    try:
-        getattr(importlib.import_module(module), func)(parser)
-    except (ImportError, AttributeError):
-        parser.set_defaults(_unavailable=module)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from diffcore.config.job import load_job
-
-    job = load_job(args.job, args.overrides)
-    from diffcore.training import run_job
-
-    result = run_job(job, resume=args.resume)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"diffcore: trained {result.steps} steps; weights in {result.final}", flush=True)
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from diffcore.config.job import load_job
-
-    job = load_job(args.job, args.overrides)
-    print(f"{args.job}: ok (model {job.model.type}, data {job.data.type}, {job.train.steps} steps)")
-    return 0
-
-
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from diffcore.registry import get_registry
-
-    reg = get_registry()
-    if args.json:
-        data = {
-            "plugins": [
-                {"name": p.name, "distribution": p.distribution, "version": p.version or __version__, "registers": p.registers}
-                for p in reg.plugins
-            ],
-            "failed": [
-                {"name": f.name, "distribution": f.distribution, "version": f.version, "error": f.error} for f in reg.failed
-            ],
-        }
-        print(json.dumps(data, indent=2))
-        return 0
-    for p in reg.plugins:
-        print(f"{p.distribution} {p.version or __version__} ({p.name})")
-        for kind, names in sorted(p.registers.items()):
-            print(f"  {kind}s: {', '.join(names)}")
-    for f in reg.failed:
-        print(f"{f.distribution} {f.version} ({f.name}) FAILED to load: {f.error}")
-    return 0
-
-
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if getattr(args, "_unavailable", None):
-        raise UserError(f"`diffcore {args.command}` is not available in this installation ({args._unavailable} missing)")
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "validate":
-        return cmd_validate(args)
-    if args.command == "plugins":
-        return cmd_plugins(args)
-    if args.command == "sample":
-        from diffcore.commands.sample import sample_command
+    unavailable = getattr(args, "_unavailable", None)
+    if unavailable:
+        raise UserError(f"`diffcore {args.command}` is not available: {unavailable}")
+    command = getattr(args, "_command", None)
+    if command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    return int(command.run(args))
 
-        return sample_command(args)
-    if args.command == "cache":
-        from diffcore.commands.cache import cache_command
 
-        return cache_command(args)
-    parser.print_help()
-    return EXIT_USER_ERROR
+def _show_plugin_warning(original: Any):
+    from diffcore.registry import PluginWarning
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, PluginWarning):
+            print(f"diffcore: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_plugin_warning(warnings.showwarning)
+        parser = build_parser()
+        args = parser.parse_args(argv)
     try:
         return _dispatch(args, parser)
     except (UserError, PluginError) as exc:
@@ -140,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"diffcore: training stopped: {exc}", file=sys.stderr)
         return EXIT_TRAINING_ERROR
+    except BrokenPipeError:
+        # the reader went away (`| head`): nothing more to say, and nothing to flush at exit either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("diffcore: interrupted", file=sys.stderr)
         return 130

@@ -1,80 +1,45 @@
 """The hook specifications a diffcore plugin implements.
 
 A plugin is a module (named by an entry point in the ``diffcore.plugins`` group) holding functions
-marked with ``diffcore.hookimpl``. Each registration hook returns an iterable of records from
-:mod:`diffcore.records`. Importing that module must stay cheap: no torch, deepspeed or transformers
-at import time; import them inside the factories.
+marked with ``diffcore.hookimpl``. There is one registration hook per kind of component, named
+``diffcore_register_<plural>`` (``diffcore_register_models``, ``diffcore_register_samplers``...;
+the full list is :data:`diffcore.kinds.KINDS`). Each takes no arguments and returns an iterable of
+that kind's records from :mod:`diffcore.records`. Importing the plugin's module must stay cheap: no
+torch, deepspeed or transformers at import time; import them inside the factories.
+
+A function marked ``hookimpl`` whose name is not one of these hooks makes the plugin fail to load
+(``diffcore plugins`` names the nearest valid hook), so a misspelling cannot pass silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pluggy
 
-from diffcore.records import (
-    AdapterSpec,
-    AutoencoderSpec,
-    CallbackSpec,
-    DatasetSpec,
-    MethodSpec,
-    ModelSpec,
-    OptimizerSpec,
-    SchedulerSpec,
-)
+from diffcore.kinds import KINDS, Kind
 
 PROJECT = "diffcore"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def diffcore_register_models() -> Iterable[ModelSpec]:
-    """Model architectures: the backbone that trains plus how it encodes images and conditions."""
+def _spec(kind: Kind) -> Callable[[], Iterable[Any]]:
+    def spec() -> Iterable[Any]:
+        raise NotImplementedError  # a specification; pluggy never calls it
+
+    spec.__name__ = spec.__qualname__ = kind.hook
+    spec.__doc__ = f"{kind.description} Returns {kind.record.__name__} records."
+    return hookspec(spec)
 
 
-@hookspec
-def diffcore_register_schedulers() -> Iterable[SchedulerSpec]:
-    """Noise schedules with their training objectives (timestep sampling, targets, weighting)."""
+class Specs:
+    """The registration hooks, one per kind (the namespace handed to pluggy)."""
 
 
-@hookspec
-def diffcore_register_adapters() -> Iterable[AdapterSpec]:
-    """Adapters injected into a frozen model (LoRA, DoRA, LoKr...)."""
+for _kind in KINDS.values():
+    setattr(Specs, _kind.hook, staticmethod(_spec(_kind)))
+del _kind
 
-
-@hookspec
-def diffcore_register_datasets() -> Iterable[DatasetSpec]:
-    """Sources of training examples."""
-
-
-@hookspec
-def diffcore_register_callbacks() -> Iterable[CallbackSpec]:
-    """Reactions to training events: logging, checkpoints, sampling."""
-
-
-@hookspec
-def diffcore_register_methods() -> Iterable[MethodSpec]:
-    """Training methods: how a batch becomes a loss and which parameters train."""
-
-
-@hookspec
-def diffcore_register_optimizers() -> Iterable[OptimizerSpec]:
-    """Optimizers beyond the built-in ones (8-bit, schedule-free...)."""
-
-
-@hookspec
-def diffcore_register_autoencoders() -> Iterable[AutoencoderSpec]:
-    """Image autoencoder families that latent architectures ask for by name."""
-
-
-HOOK_OF_KIND = {
-    "model": "diffcore_register_models",
-    "scheduler": "diffcore_register_schedulers",
-    "adapter": "diffcore_register_adapters",
-    "dataset": "diffcore_register_datasets",
-    "callback": "diffcore_register_callbacks",
-    "method": "diffcore_register_methods",
-    "optimizer": "diffcore_register_optimizers",
-    "autoencoder": "diffcore_register_autoencoders",
-}
+HOOKS: tuple[str, ...] = tuple(kind.hook for kind in KINDS.values())

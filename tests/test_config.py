@@ -112,11 +112,17 @@ def test_wrong_types(job_file):
     assert "$.train.batch_size: must be at least 1, got 0" in got
 
 
-def test_unknown_first_party_component_names_the_distribution(job_file):
+def test_unknown_first_party_component_names_the_distribution(job_file, monkeypatch):
+    monkeypatch.setenv("DIFFCORE_DISABLE_PLUGINS", "diffcore-flux")
     with pytest.raises(ConfigError) as err:
-        load_job(job_file, ["adapter.type=lokr2", "model.type=sd3"])
+        load_job(job_file, ["adapter.type=lokr2", "model.type=flux"])
     got = problems(err.value)
-    assert any("unknown model 'sd3'" in p and "pip install diffcore-sd3" in p for p in got), got
+    hint = "it is provided by diffcore-flux, which is installed but disabled by DIFFCORE_DISABLE_PLUGINS"
+    assert any("unknown model 'flux'" in p and hint in p for p in got), got
+    # no distribution provides sd3 yet: no pip hint naming one that does not exist
+    with pytest.raises(ConfigError) as err:
+        load_job(job_file, ["model.type=sd3"])
+    assert "pip install" not in str(err.value)
 
 
 def test_missing_required_sections(tmp_path):

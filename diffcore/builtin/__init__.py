@@ -41,3 +41,36 @@ def diffcore_register_optimizers():
     from diffcore.builtin.optimizers import records
 
     return records()
+
+
+@hookimpl
+def diffcore_register_samplers():
+    from diffcore.builtin.samplers import records
+
+    return records()
+
+
+@hookimpl
+def diffcore_register_loss_weightings():
+    from diffcore.builtin.loss_weightings import records
+
+    return records()
+
+
+@hookimpl
+def diffcore_register_commands():
+    from diffcore.builtin.commands import records
+
+    return records()
+
+
+@hookimpl
+def diffcore_register_text_encoders():
+    # the text-encoder toolkit lands in its own module; until it does, there is nothing to register
+    try:
+        from diffcore.builtin.text_encoders import records
+    except ModuleNotFoundError as exc:
+        if exc.name != "diffcore.builtin.text_encoders":
+            raise
+        return []
+    return records()

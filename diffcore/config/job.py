@@ -3,8 +3,9 @@
 A job is YAML read with ``yaml.safe_load``. ``_base_: [other.yaml, ...]`` inherits (deep merge, this
 file wins, lists replaced). ``--set dotted.key=value`` overrides are parsed as YAML scalars and then
 structured to the field's type. Sections a plugin provides (model, adapter, method, scheduler, data,
-train.optimizer, callbacks) are chosen by ``type:`` and their other keys are structured into that
-plugin's attrs config, unknown keys rejected. Every problem is collected and reported together.
+train.optimizer, train.loss_weighting, callbacks: the sections of :data:`diffcore.kinds.KINDS`) are
+chosen by ``type:`` and their other keys are structured into that plugin's attrs config, unknown keys
+rejected. Every problem is collected and reported together.
 """
 
 from __future__ import annotations
@@ -19,9 +20,26 @@ import yaml
 
 from diffcore.config.structure import ExpectedError, structure, unstructure
 from diffcore.errors import ConfigError, Problem, UserError
+from diffcore.kinds import KINDS
 
-# Sections whose content is a plugin's config, and the registry kind that provides them.
-PLUGIN_SECTIONS = {"model": "model", "adapter": "adapter", "method": "method", "scheduler": "scheduler", "data": "dataset"}
+TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
+
+# Sections whose content is a plugin's config, and the kind that provides each (from the kinds table):
+# top-level ones, ones inside `train`, and lists of them.
+PLUGIN_SECTIONS = {
+    kind.section: kind.name
+    for kind in sorted(KINDS.values(), key=lambda k: TOP_KEYS.index(k.section) if k.section in TOP_KEYS else 0)
+    if kind.section in TOP_KEYS and not kind.repeated
+}
+TRAIN_SECTIONS = {
+    kind.section.removeprefix("train."): kind.name
+    for kind in KINDS.values()
+    if kind.section is not None and kind.section.startswith("train.")
+}
+LIST_SECTIONS = {kind.section: kind.name for kind in KINDS.values() if kind.section in TOP_KEYS and kind.repeated}
+# What a section the job leaves out selects; a section missing here is simply absent.
+DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {"method": {"type": "diffusion"}, "train.optimizer": {"type": "adamw"}}
+REQUIRED_SECTIONS = ("model", "method", "data")
 
 
 @attrs.define
@@ -102,6 +120,8 @@ class Job:
     data: Section
     train: TrainConfig = attrs.Factory(TrainConfig)
     optimizer: Section | None = None
+    #: ``train.loss_weighting``; None: the scheduler's own ``loss_weight``
+    loss_weighting: Section | None = None
     callbacks: list[Section] = attrs.Factory(list)
     #: where the job was read from (not part of the YAML)
     source: str | None = None
@@ -119,13 +139,12 @@ class Job:
         train = unstructure(self.train)
         if self.optimizer is not None:
             train["optimizer"] = self.optimizer.to_dict()
+        if self.loss_weighting is not None:
+            train["loss_weighting"] = self.loss_weighting.to_dict()
         out["train"] = train
         out["callbacks"] = [c.to_dict() for c in self.callbacks]
         return out
 
-
-TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
-DEFAULT_METHOD = {"type": "diffusion"}
 
 
 # -- reading YAML --------------------------------------------------------------------------------
@@ -270,34 +289,35 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
 
     sections: dict[str, Any] = {}
     for key, kind in PLUGIN_SECTIONS.items():
-        raw = data.get(key, DEFAULT_METHOD if key == "method" else None)
-        sections[key] = section(key, kind, raw, f"$.{key}", required=key in {"model", "data", "method"})
+        raw = data.get(key, DEFAULT_SECTIONS.get(key))
+        sections[key] = section(key, kind, raw, f"$.{key}", required=key in REQUIRED_SECTIONS)
 
     train_raw = data.get("train") or {}
-    optimizer = None
     if not isinstance(train_raw, dict):
         problems.append(Problem("$.train", "expected a mapping of keys to values"))
         train_raw = {}
     train_raw = dict(train_raw)
-    if "optimizer" in train_raw:
-        optimizer = section("optimizer", "optimizer", train_raw.pop("optimizer"), "$.train.optimizer", False)
-    else:
-        optimizer = section("optimizer", "optimizer", {"type": "adamw"}, "$.train.optimizer", False)
+    train_sections: dict[str, Section | None] = {}
+    for key, kind in TRAIN_SECTIONS.items():
+        raw = train_raw.pop(key) if key in train_raw else DEFAULT_SECTIONS.get(f"train.{key}")
+        train_sections[key] = section(key, kind, raw, f"$.train.{key}", False)
     train = TrainConfig()
     try:
         train = structure(train_raw, TrainConfig, "$.train")
     except ConfigError as exc:
         problems.extend(exc.problems)
 
-    callbacks: list[Section] = []
-    raw_callbacks = data.get("callbacks") or []
-    if not isinstance(raw_callbacks, list):
-        problems.append(Problem("$.callbacks", "expected a list of callback sections"))
-        raw_callbacks = []
-    for i, raw in enumerate(raw_callbacks):
-        cb = section("callbacks", "callback", raw, f"$.callbacks[{i}]", True)
-        if cb is not None:
-            callbacks.append(cb)
+    lists: dict[str, list[Section]] = {}
+    for key, kind in LIST_SECTIONS.items():
+        lists[key] = []
+        raw_list = data.get(key) or []
+        if not isinstance(raw_list, list):
+            problems.append(Problem(f"$.{key}", f"expected a list of {kind} sections"))
+            raw_list = []
+        for i, raw in enumerate(raw_list):
+            built = section(key, kind, raw, f"$.{key}[{i}]", True)
+            if built is not None:
+                lists[key].append(built)
 
     scalars: dict[str, Any] = {}
     for key, conv in (("name", str), ("output_dir", str), ("seed", int)):
@@ -320,8 +340,9 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
         scheduler=sections["scheduler"],
         data=sections["data"],
         train=train,
-        optimizer=optimizer,
-        callbacks=callbacks,
+        optimizer=train_sections["optimizer"],
+        loss_weighting=train_sections["loss_weighting"],
+        callbacks=lists["callbacks"],
         source=source,
     )
 

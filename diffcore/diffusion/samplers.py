@@ -6,12 +6,16 @@ noisy latent as the model sees it (x = alpha x0 + sigma eps), float32. Steps fol
 formulations: DDPM/DDIM in (alpha, sigma), Euler and Heun in the schedule's native coordinates (VE
 for DDPM-family, s for flow: both have derivative (y - x0) / level), Euler-ancestral as
 k-diffusion, DPM-Solver++(2M) in half-log-SNR.
+
+Samplers are plugins (``diffcore_register_samplers``): a record's factory builds an object
+following :class:`Sampler`. The built-in ones are :class:`BuiltinSampler` over :func:`sample`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -33,6 +37,98 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], None]
+
+
+class Sampler(Protocol):
+    """What a sampler record's factory builds.
+
+    ``schedule_as`` names the built-in sampler whose noise-level layout the scheduler gives it
+    (``scheduler.sampling_schedule(steps, schedule_as, karras=karras)``: "euler" for linspace
+    levels, "ddim" for leading timesteps, "dpmpp_2m" for rounded multistep ones...).
+    ``__call__`` walks ``schedule`` from the start latent ``x`` (noise already scaled by
+    ``schedule.init_noise_scale``) and returns the final latent; ``denoise(x, i)`` gives (x0, eps)
+    at level i, and a stochastic step draws its noise from ``generator``. A plugin's sampler gets the
+    x0 options by wrapping its denoiser with :func:`with_x0_options`.
+    """
+
+    schedule_as: str
+    karras: bool
+
+    def __call__(
+        self,
+        denoise: Denoiser,
+        x: torch.Tensor,
+        schedule: SamplingSchedule,
+        *,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor: ...
+
+
+def threshold_x0(
+    x0: torch.Tensor,
+    *,
+    clip: float | None = None,
+    percentile: float | None = None,
+    threshold_max: float | None = None,
+) -> torch.Tensor:
+    """x0 clamped to [-clip, clip], then dynamically thresholded: per sample, s = the ``percentile``
+    of |x0| (at least 1, at most ``threshold_max``), x0 clamped to [-s, s] and divided by s."""
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    if percentile is not None:
+        flat = x0.reshape(x0.shape[0], -1).abs().float()
+        s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
+        if threshold_max is not None:
+            s = s.clamp(max=threshold_max)
+        s = s.to(x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+    return x0
+
+
+def with_x0_options(denoise: Denoiser, schedule: SamplingSchedule, options: Any) -> Denoiser:
+    """``denoise`` with ``options``' x0 clipping and thresholding (the fields of
+    ``diffcore.builtin.samplers.X0Options``) applied to its x0, and eps made consistent with it."""
+    clip, percentile = options.clip_x0, options.dynamic_threshold
+    if clip is None and percentile is None:
+        return denoise
+
+    def wrapped(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = denoise(x, i)
+        x0 = threshold_x0(x0, clip=clip, percentile=percentile, threshold_max=options.threshold_max)
+        sigma = float(schedule.sigmas[i])
+        if sigma > 0:  # the noise the step removes must be the noise that leads to this x0
+            eps = (x - float(schedule.alphas[i]) * x0) / sigma
+        return x0, eps
+
+    return wrapped
+
+
+@attrs.frozen
+class BuiltinSampler:
+    """A built-in sampler: one of the stepping rules of :func:`sample` with its x0 options
+    (``diffcore.builtin.samplers.X0Options``), DDIM's ``eta`` and Karras level spacing."""
+
+    method: str
+    x0_options: Any
+    eta: float = 0.0
+    karras: bool = False
+
+    @property
+    def schedule_as(self) -> str:
+        return self.method
+
+    def __call__(
+        self,
+        denoise: Denoiser,
+        x: torch.Tensor,
+        schedule: SamplingSchedule,
+        *,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        denoise = with_x0_options(denoise, schedule, self.x0_options)
+        return sample(self.method, denoise, x, schedule, generator=generator, eta=self.eta, callback=callback)
 
 
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,18 @@
+"""``diffcore validate``: check a job without running it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="job YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    from diffcore.config.job import load_job
+
+    job = load_job(args.job, args.overrides)
+    print(f"{args.job}: ok (model {job.model.type}, data {job.data.type}, {job.train.steps} steps)")
+    return 0
