@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
 from diffcore.weights import empty_weights, load_into
 from diffcore_vae import layouts
@@ -28,12 +29,10 @@ from diffcore_vae.config import AutoencoderConfig, Flux2Config, KLConfig
 from diffcore_vae.network import KLAutoencoderNet, patchify, unpatchify
 from diffcore_vae.tiling import tiled
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def weights_dtype(config: AutoencoderConfig) -> torch.dtype:
     """The dtype the weights are kept in: float32 when float16 is asked of a force_upcast VAE."""
-    dtype = _DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype, "$.dtype")
     return torch.float32 if (dtype == torch.float16 and config.force_upcast) else dtype
 
 

@@ -18,16 +18,10 @@ import torch
 from torch import nn
 
 from diffcore.errors import UserError
+from diffcore.locate import locate as locate_component
 from diffcore.weights import Checkpoint, save_safetensors
+from diffcore_vae import convert
 from diffcore_vae.config import AutoencoderConfig, Flux2Config
-from diffcore_vae.convert import (
-    JUNK_PREFIXES,
-    as_conv,
-    as_linear,
-    is_attention_linear,
-    original_names,
-    to_original,
-)
 
 _PREFIXES = ("first_stage_model.", "vae.", "")
 _ARCH_KEYS = (
@@ -64,17 +58,9 @@ class Source:
 
 def locate(path: str) -> Source:
     """Find the autoencoder weights under ``path`` and which layout they are in."""
-    p = Path(path).expanduser()
-    config_json = None
-    if p.is_dir():
-        if (p / "vae").is_dir():
-            p = p / "vae"
-        if (p / "config.json").is_file():
-            try:
-                config_json = json.loads((p / "config.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read config.json: {exc}", where=str(p / "config.json")) from None
-    ckpt = Checkpoint(p)
+    located = locate_component(path, "vae", what="an autoencoder")
+    p = located.path
+    ckpt = located.checkpoint()
     keys = ckpt.keys()
     for prefix in _PREFIXES:
         if any(k.startswith(prefix + "encoder.") for k in keys) and any(
@@ -88,7 +74,7 @@ def locate(path: str) -> Source:
             hint="pass a diffusers vae/ folder, a VAE .safetensors, or a full SD/SDXL/SD3 or BFL ae file",
         )
     layout = "diffusers" if any(k.startswith(prefix + "encoder.down_blocks.") for k in keys) else "original"
-    return Source(str(p), ckpt, prefix, layout, config_json)
+    return Source(str(p), ckpt, prefix, layout, located.config)
 
 
 def architecture(source: Source, config: AutoencoderConfig) -> AutoencoderConfig:
@@ -203,19 +189,14 @@ def tensors(
     source: Source, module: nn.Module, levels: int, flux2: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors under the module's (diffusers) names, streamed one at a time."""
-    own = [k for k in module.state_dict().keys()]
-    names = original_names(own, levels, flux2) if source.layout == "original" else {k: k for k in own}
+    own = list(module.state_dict())
+    keymap = convert.original(levels, flux2) if source.layout == "original" else convert.diffusers()
     seen_batches = False
-    for key, value in source.checkpoint.items(source.prefix):
-        if source.layout == "original" and key.startswith(JUNK_PREFIXES):
-            continue
-        name = names.get(key, key)
-        if is_attention_linear(name):
-            value = as_linear(value)
+    for name, value in keymap.load(source.checkpoint.items(source.prefix), own, where=source.where):
         seen_batches |= name == "bn.num_batches_tracked"
         yield name, value
     # Some exports drop BatchNorm's step counter; it never affects inference.
-    if flux2 and not seen_batches and "bn.num_batches_tracked" in names.values():
+    if flux2 and not seen_batches and "bn.num_batches_tracked" in own:
         yield "bn.num_batches_tracked", torch.tensor(0, dtype=torch.long)
 
 
@@ -236,12 +217,8 @@ def save(module: nn.Module, config: AutoencoderConfig, path: str | Path, layout:
             raise UserError(
                 "the original layout is one file", where=str(path), hint="pass a path ending in .safetensors"
             )
-        levels = len(config.block_out_channels)
-        out = {
-            to_original(k, levels, flux2): (as_conv(v) if is_attention_linear(k) else v)
-            for k, v in state.items()
-        }
-        save_safetensors(out, path)
+        keymap = convert.original(len(config.block_out_channels), flux2)
+        save_safetensors(dict(keymap.save(state, where=str(path))), path)
         return path
     raise UserError(f"unknown layout {layout!r}", where="layout", hint="use 'diffusers' or 'original'")
 
