@@ -42,3 +42,12 @@ def load_autoencoder(family: str, pretrained: str | None = None, **options: Any)
 def load_scheduler(type: str, **options: Any) -> Any:
     """A noise schedule by its registered name (``ddpm``, ``flow``)."""
     return build_component("scheduler", type, options)
+
+
+def build_loss_weighting(section: Any) -> Any:
+    """The job's ``train.loss_weighting`` (a :class:`~diffcore.config.job.Section`) built, or None
+    when the job has none (the scheduler's own ``loss_weight`` applies). The result has
+    ``weight(t, scheduler, prediction_type) -> Tensor (n,)``."""
+    if section is None:
+        return None
+    return get_registry().get("loss_weighting", section.type).spec.factory(section.config)

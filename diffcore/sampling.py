@@ -15,8 +15,7 @@ import torch
 
 from diffcore.diffusion import objectives
 from diffcore.diffusion.guidance import classifier_free_guidance
-from diffcore.diffusion.samplers import StepCallback, run
-from diffcore.diffusion.scheduler import canonical_sampler
+from diffcore.diffusion.samplers import Sampler, StepCallback
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:
@@ -44,7 +43,8 @@ def generate(
     height: int,
     width: int,
     steps: int = 30,
-    sampler: str = "euler",
+    sampler: str | Sampler = "euler",
+    sampler_options: Mapping[str, Any] | None = None,
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
     seed: int = 0,
@@ -58,9 +58,12 @@ def generate(
     ``guidance`` other than 1 applies classifier-free guidance against ``model.null_batch(batch)``;
     distilled-guidance models get it as ``predict(..., guidance=)`` instead (None: their default). ``seed`` fixes the start
     noise and every stochastic step, independent of device. ``karras`` spaces DDPM-family levels per
-    Karras et al.; ``eta`` is DDIM's noise.
+    Karras et al. ``sampler`` is a registered sampler's name (built with ``sampler_options``, see
+    :func:`build_sampler`) or a built sampler; ``eta`` is DDIM's noise (for a sampler given by name
+    whose config has ``eta``).
     """
-    name = canonical_sampler(sampler)
+    if isinstance(sampler, str):
+        sampler = build_sampler(sampler, sampler_options, eta=eta)
     was_training = model.backbone.training
     model.backbone.eval()
     try:
@@ -82,8 +85,8 @@ def generate(
                 if hasattr(model, "sequence_length")
                 else shape[2] * shape[3]
             )
-        karras = karras or sampler.lower() == "dpmpp_2m_karras"
-        schedule = scheduler.sampling_schedule(steps, name, seq_len=seq_len, karras=karras)
+        karras = karras or sampler.karras
+        schedule = scheduler.sampling_schedule(steps, sampler.schedule_as, seq_len=seq_len, karras=karras)
 
         cond = model.encode_conditions(batch)
         embedded = bool(getattr(model, "guidance_embedded", False))
@@ -103,13 +106,34 @@ def generate(
             alpha, sigma = float(schedule.alphas[i]), float(schedule.sigmas[i])
             return objectives.to_x0_eps(out, x, alpha, sigma, prediction_type)
 
-        latents = run(name, denoise, noise, schedule, generator=generator, eta=eta, callback=callback)
+        start = noise * schedule.init_noise_scale
+        latents = sampler(denoise, start, schedule, generator=generator, callback=callback)
         if return_latents:
             return latents
         pixels = model.decode_latents(latents.to(getattr(model, "dtype", torch.float32)))
         return pixels.float().clamp(-1, 1)
     finally:
         model.backbone.train(was_training)
+
+
+def build_sampler(
+    name: str, options: Mapping[str, Any] | None = None, *, eta: float = 0.0, where: str = "sampler"
+) -> Sampler:
+    """The sampler registered as ``name`` (any case), its config structured from ``options``; an
+    unknown name is a UserError listing the installed samplers. ``eta`` sets DDIM-style noise on a
+    sampler whose config has an ``eta`` key and ``options`` does not give one."""
+    import attrs
+
+    from diffcore.config.structure import structure
+    from diffcore.registry import get_registry
+
+    registry = get_registry()
+    key = name if name in registry.components["sampler"] else name.lower()
+    spec = registry.get("sampler", key, where=where).spec
+    options = dict(options or {})
+    if eta and "eta" in attrs.fields_dict(spec.config):
+        options.setdefault("eta", eta)
+    return spec.factory(structure(options, spec.config, where))
 
 
 def to_pil(pixels: torch.Tensor) -> list:

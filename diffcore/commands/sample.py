@@ -23,7 +23,8 @@ from typing import Any
 from diffcore.errors import UserError
 
 SAMPLERS_HELP = (
-    "ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras (flow models: euler = flow Euler)"
+    "a registered sampler (`diffcore plugins` lists them): ddpm, ddim, euler, euler_a, heun, dpmpp_2m, "
+    "dpmpp_2m_karras... (flow models: euler = flow Euler)"
 )
 
 
@@ -68,6 +69,14 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     gen.add_argument("--sampler", default="euler", help=SAMPLERS_HELP)
+    gen.add_argument(
+        "--sampler-option",
+        dest="sampler_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler config key, e.g. clip_x0=1 or dynamic_threshold=0.995 (repeatable)",
+    )
     gen.add_argument(
         "--guidance",
         type=float,
@@ -154,12 +163,18 @@ def _check_args(args: argparse.Namespace) -> None:
             )
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise UserError(f"must be in [0, 1], got {args.guidance_rescale}", where="--guidance-rescale")
-    from diffcore.diffusion.scheduler import canonical_sampler
 
-    try:
-        canonical_sampler(args.sampler)
-    except ValueError as exc:
-        raise UserError(str(exc), where="--sampler") from None
+
+def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for text in args.sampler_options:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"expected KEY=VALUE, got {text!r}", where="--sampler-option")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def _weights_dir(output_dir: Path, checkpoint: str) -> Path:
@@ -321,8 +336,9 @@ def sample_command(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from diffcore.sampling import generate, image_grid, save_png
+    from diffcore.sampling import build_sampler, generate, image_grid, save_png
 
+    sampler = build_sampler(args.sampler, _sampler_options(args), eta=args.eta, where="--sampler")
     model, scheduler, output_dir, resolution = load_for_sampling(args)
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -357,11 +373,10 @@ def sample_command(args: argparse.Namespace) -> int:
                 height=height,
                 width=width,
                 steps=args.steps,
-                sampler=args.sampler,
+                sampler=sampler,
                 guidance=guidance,
                 guidance_rescale=args.guidance_rescale,
                 seed=args.seed + chunk_index,
-                eta=args.eta,
             )
         except ValueError as exc:
             raise UserError(str(exc), where="diffcore sample") from None
