@@ -13,6 +13,7 @@ Every function streams: tensors are read and converted one at a time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -49,10 +50,12 @@ DIFFUSERS_RULES = (
 )
 
 
+@functools.cache
 def original() -> KeyMap:
     return KeyMap(ORIGINAL_RULES, name="original")
 
 
+@functools.lru_cache(maxsize=8)
 def diffusers(depth: int) -> KeyMap:
     return KeyMap(DIFFUSERS_RULES, {"depth": depth}, name="diffusers")
 

@@ -10,6 +10,7 @@ diffusers splits BFL's fused projections: ``img_attn.qkv`` into ``to_q/k/v`` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -65,10 +66,12 @@ DIFFUSERS_RULES = (
 )
 
 
+@functools.cache
 def original() -> KeyMap:
     return KeyMap(ORIGINAL_RULES, name="original")
 
 
+@functools.lru_cache(maxsize=8)
 def diffusers(dim: int) -> KeyMap:
     return KeyMap(DIFFUSERS_RULES, {"dim": dim}, name="diffusers")
 
