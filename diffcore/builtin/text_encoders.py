@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from diffcore.records import TextEncoderSpec
 from diffcore.text_encoders.config import CONFIGS
 
 _DESCRIPTIONS = {
@@ -23,8 +24,6 @@ def _build(family: str):
 
 
 def records() -> list:
-    from diffcore import TextEncoderSpec
-
     return [
         TextEncoderSpec(name=family, config=config, factory=_build(family), description=_DESCRIPTIONS[family])
         for family, config in CONFIGS.items()

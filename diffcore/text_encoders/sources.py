@@ -88,15 +88,14 @@ def tokenizer_folder(config: EncoderConfig, family: str) -> Path:
         return folder
     candidates: list[Path] = []
     if config.pretrained is not None:
-        root = Path(config.pretrained)
-        suffix = ""
-        if config.subfolder is not None:
-            suffix = config.subfolder.removeprefix("text_encoder")
-            candidates.append(root / f"tokenizer{suffix}")
-        elif root.name.startswith("text_encoder"):
-            candidates.append(root.parent / f"tokenizer{root.name.removeprefix('text_encoder')}")
-        if root.is_dir():
-            candidates.append(root / (config.subfolder or ""))
+        found = find(config.pretrained, config.subfolder or "text_encoder", what=f"a {family} text encoder")
+        if found.pipeline is not None:
+            candidates.append(found.pipeline / f"tokenizer{found.component.removeprefix('text_encoder')}")
+        elif not found.is_file:
+            suffix = found.path.name.removeprefix("text_encoder")
+            if suffix != found.path.name:
+                candidates.append(found.path.parent / f"tokenizer{suffix}")
+            candidates.append(found.path)  # LLM repositories keep the tokenizer beside the weights
     for folder in candidates:
         if (folder / "tokenizer_config.json").exists():
             return folder
