@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from diffcore.builtin.samplers import X0Options
 from diffcore.errors import ConfigError, DiffcoreError, PluginError, Problem, TrainingError, UserError
 from diffcore.hookspecs import hookimpl, hookspec
 from diffcore.records import (
@@ -48,6 +49,7 @@ __all__ = [
     "TextEncoderSpec",
     "TrainingError",
     "UserError",
+    "X0Options",
     "__version__",
     "build_component",
     "get_registry",

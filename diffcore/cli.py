@@ -45,12 +45,10 @@ def build_parser(registry: Any = None) -> argparse.ArgumentParser:
             spec.add_arguments(command)
         except Exception as exc:  # one broken command must not take the others down
             command.set_defaults(_unavailable=f"{entry.distribution} could not set up its options: {exc}")
-            command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         command.set_defaults(_command=spec)
     for (kind, name), _clash in sorted(registry.clashes.items()):
         if kind == "command":
             command = sub.add_parser(name, help="(unusable: registered by two plugins)")
-            command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             command.set_defaults(_unavailable=registry.unknown_message(kind, name))
     return parser
 
@@ -82,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_plugin_warning(warnings.showwarning)
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+    # an unusable command explains itself whatever options it was given
+    if extra and not getattr(args, "_unavailable", None):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, parser)
     except (UserError, PluginError) as exc:

@@ -48,7 +48,8 @@ class Sampler(Protocol):
     ``__call__`` walks ``schedule`` from the start latent ``x`` (noise already scaled by
     ``schedule.init_noise_scale``) and returns the final latent; ``denoise(x, i)`` gives (x0, eps)
     at level i, and a stochastic step draws its noise from ``generator``. A plugin's sampler gets the
-    x0 options by wrapping its denoiser with :func:`with_x0_options`.
+    x0 options by giving its config the fields of :class:`diffcore.X0Options` (subclass it) and
+    wrapping its denoiser with :func:`with_x0_options`.
     """
 
     schedule_as: str
@@ -88,7 +89,7 @@ def threshold_x0(
 
 def with_x0_options(denoise: Denoiser, schedule: SamplingSchedule, options: Any) -> Denoiser:
     """``denoise`` with ``options``' x0 clipping and thresholding (the fields of
-    ``diffcore.builtin.samplers.X0Options``) applied to its x0, and eps made consistent with it."""
+    :class:`diffcore.X0Options`) applied to its x0, and eps made consistent with it."""
     clip, percentile = options.clip_x0, options.dynamic_threshold
     if clip is None and percentile is None:
         return denoise
@@ -107,7 +108,7 @@ def with_x0_options(denoise: Denoiser, schedule: SamplingSchedule, options: Any)
 @attrs.frozen
 class BuiltinSampler:
     """A built-in sampler: one of the stepping rules of :func:`sample` with its x0 options
-    (``diffcore.builtin.samplers.X0Options``), DDIM's ``eta`` and Karras level spacing."""
+    (:class:`diffcore.X0Options`), DDIM's ``eta`` and Karras level spacing."""
 
     method: str
     x0_options: Any
