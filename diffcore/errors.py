@@ -58,4 +58,4 @@ class TrainingError(DiffcoreError):
 
 
 class PluginError(DiffcoreError):
-    """The installed plugins contradict each other (two claim one name)."""
+    """A plugin cannot be registered (an unknown hook, an invalid record, a hook that raised)."""

@@ -64,13 +64,3 @@ _ALL = (
 #: every kind by name, in listing order
 KINDS: dict[str, Kind] = {kind.name: kind for kind in _ALL}
 
-#: the kind each hook registers
-KIND_OF_HOOK: dict[str, Kind] = {kind.hook: kind for kind in _ALL}
-
-
-def kind_of_section(section: str) -> Kind | None:
-    """The kind whose records fill the job section at dotted path ``section``, if any."""
-    for kind in _ALL:
-        if kind.section == section:
-            return kind
-    return None
