@@ -30,6 +30,7 @@ streams: a tensor is held only until the other parts it is fused with have arriv
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -375,6 +376,11 @@ class KeyMap:
                 )
             )
 
+    @classmethod
+    def of(cls, rules: tuple[Rule | Drop, ...], params: Params | None = None, *, name: str = "file") -> KeyMap:
+        """A shared map for a rule tuple and parameters, compiled once and reused (maps never change)."""
+        return _shared(rules, tuple(sorted((params or {}).items())), name)
+
     def with_params(self, **params: Any) -> KeyMap:
         """The same rules with ``params`` added or replaced."""
         return KeyMap(self.rules, {**self.params, **params}, name=self.name)
@@ -437,21 +443,15 @@ class KeyMap:
         """Module tensors -> (file key, tensor) in this layout, one rule application at a time."""
         items = tensors.items() if isinstance(tensors, Mapping) else tensors
         unclaimed: list[str] = []
-        pending: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        pending: dict[tuple[str, ...], dict[Any, torch.Tensor]] = {}
         for key, value in items:
             group = self.group(key)
             if group is None:
                 unclaimed.append(key)
                 continue
-            if len(group.module) > 1:
-                parts = pending.setdefault(group.file, {})
-                parts[key] = value
-                if len(parts) < len(group.module):
-                    continue
-                del pending[group.file]
-                values = [parts[k] for k in group.module]
-            else:
-                values = [value]
+            values = _gather(pending, group.file, group.module, key, value)
+            if values is None:
+                continue
             yield from zip(group.file, group.op.save(values, self.params, len(group.file)), strict=True)
         incomplete = [k for parts in pending.values() for k in parts]
         self._report(unclaimed, incomplete, where, "module")
@@ -469,7 +469,7 @@ class KeyMap:
         items = tensors.items() if isinstance(tensors, Mapping) else tensors
         inverse = self.inverse(module_keys)
         unclaimed: list[str] = []
-        pending: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
+        pending: dict[tuple[str, ...], dict[Any, torch.Tensor]] = {}
         tied: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
         for key, value in items:
             if key not in inverse:
@@ -480,15 +480,9 @@ class KeyMap:
             if isinstance(group.op, Tie):
                 yield from self._load_tied(group, key, value, tied, where)
                 continue
-            if len(group.file) > 1:
-                parts = pending.setdefault(group.file, {})
-                parts[index] = value
-                if len(parts) < len(group.file):
-                    continue
-                del pending[group.file]
-                values = [parts[i] for i in range(len(group.file))]
-            else:
-                values = [value]
+            values = _gather(pending, group.module, group.file, key, value)
+            if values is None:
+                continue
             yield from zip(group.module, group.op.load(values, self.params, len(group.module)), strict=True)
         self._report(unclaimed, [], where, "file")
 
@@ -528,3 +522,27 @@ class KeyMap:
                 f"(e.g. {', '.join(incomplete[:_SHOWN])})",
                 where=where,
             )
+
+
+def _gather(
+    pending: dict[tuple[str, ...], dict[Any, torch.Tensor]],
+    target: tuple[str, ...],
+    parts: tuple[str, ...],
+    key: str,
+    value: torch.Tensor,
+) -> list[torch.Tensor] | None:
+    """The tensors of ``parts`` in order once all arrived (None while some are missing); a single
+    part passes straight through, so only fused groups are ever held."""
+    if len(parts) == 1:
+        return [value]
+    arrived = pending.setdefault(target, {})
+    arrived[key] = value
+    if len(arrived) < len(parts):
+        return None
+    del pending[target]
+    return [arrived[k] for k in parts]
+
+
+@functools.lru_cache(maxsize=64)
+def _shared(rules: tuple[Rule | Drop, ...], params: tuple[tuple[str, Any], ...], name: str) -> KeyMap:
+    return KeyMap(rules, dict(params), name=name)

@@ -169,6 +169,9 @@ def test_star_captures_and_first_rule_wins():
     )
     assert keymap.file_name("img_in.weight") == "img_in.weight"
     assert keymap.with_params(dim=3).params == {"dim": 3}
+    rules = (Rule("a", "b"),)
+    shared = KeyMap.of(rules, {"dim": 3}, name="x")
+    assert KeyMap.of(rules, {"dim": 3}, name="x") is shared and KeyMap.of(rules, {"dim": 4}) is not shared
 
 
 def test_bad_rules_are_refused_when_written():

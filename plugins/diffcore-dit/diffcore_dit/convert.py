@@ -13,7 +13,6 @@ Every function streams: tensors are read and converted one at a time.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -26,6 +25,7 @@ ORIGINAL_RULES = (
     Drop("pos_embed"),  # fixed positions, which diffcore recomputes
     Rule("*", "*"),
 )
+ORIGINAL = KeyMap(ORIGINAL_RULES, name="original")
 
 _SHARED = Tie(
     "i",
@@ -50,36 +50,30 @@ DIFFUSERS_RULES = (
 )
 
 
-@functools.cache
-def original() -> KeyMap:
-    return KeyMap(ORIGINAL_RULES, name="original")
-
-
-@functools.lru_cache(maxsize=8)
-def diffusers(depth: int) -> KeyMap:
-    return KeyMap(DIFFUSERS_RULES, {"depth": depth}, name="diffusers")
-
-
 # -- original ------------------------------------------------------------------------------------
 def original_key(key: str) -> str:
     """diffcore name -> original name."""
-    return original().file_name(key) or key
+    return ORIGINAL.file_name(key) or key
 
 
 def from_original(
     items: Iterable[tuple[str, torch.Tensor]], module_keys: Iterable[str], *, where: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream an original checkpoint as diffcore names (its fixed positions are read past)."""
-    return original().load(items, module_keys, where=where)
+    return ORIGINAL.load(items, module_keys, where=where)
 
 
 def to_original(state: Mapping[str, torch.Tensor], pos_embed: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = dict(original().save(state))
+    out = dict(ORIGINAL.save(state))
     out["pos_embed"] = pos_embed  # the original keeps its fixed positions in the checkpoint
     return out
 
 
 # -- diffusers -----------------------------------------------------------------------------------
+def diffusers(depth: int) -> KeyMap:
+    return KeyMap.of(DIFFUSERS_RULES, {"depth": depth}, name="diffusers")
+
+
 def to_diffusers(state: Mapping[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """diffcore state dict -> diffusers state dict (embedders copied into every block)."""
     return dict(diffusers(depth).save(state))

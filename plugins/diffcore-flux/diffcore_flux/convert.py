@@ -10,7 +10,6 @@ diffusers splits BFL's fused projections: ``img_attn.qkv`` into ``to_q/k/v`` and
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ ORIGINAL_RULES = (
     Rule("*.key_norm.weight", "*.key_norm.scale"),
     Rule("*", "*"),
 )
+ORIGINAL = KeyMap(ORIGINAL_RULES, name="original")
 
 _D = "transformer_blocks.{i}."
 _S = "single_transformer_blocks.{i}."
@@ -66,14 +66,8 @@ DIFFUSERS_RULES = (
 )
 
 
-@functools.cache
-def original() -> KeyMap:
-    return KeyMap(ORIGINAL_RULES, name="original")
-
-
-@functools.lru_cache(maxsize=8)
 def diffusers(dim: int) -> KeyMap:
-    return KeyMap(DIFFUSERS_RULES, {"dim": dim}, name="diffusers")
+    return KeyMap.of(DIFFUSERS_RULES, {"dim": dim}, name="diffusers")
 
 
 def diffusers_modules(path: str, dim: int) -> tuple[list[tuple[str, int | None]], str] | None:
@@ -97,7 +91,7 @@ def to_diffusers(state: Iterable[tuple[str, torch.Tensor]], dim: int) -> dict[st
 
 def to_original(state: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Native tensors -> BFL's original single-file keys."""
-    return dict(original().save(state))
+    return dict(ORIGINAL.save(state))
 
 
 def original_prefix(keys: Iterable[str]) -> str:
@@ -110,7 +104,7 @@ def from_original(
     items: Iterable[tuple[str, torch.Tensor]], native_keys: Iterable[str], *, where: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream an original file's tensors (prefix removed) as native ones."""
-    return original().load(items, native_keys, where=where)
+    return ORIGINAL.load(items, native_keys, where=where)
 
 
 def from_diffusers(

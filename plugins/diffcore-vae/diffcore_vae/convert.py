@@ -10,8 +10,6 @@ original files and linear layers in diffusers (older diffusers exports also hold
 
 from __future__ import annotations
 
-import functools
-
 from diffcore.keymap import Drop, KeyMap, Rule, Squeeze
 
 _ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -62,14 +60,14 @@ DIFFUSERS_RULES = (
 )
 
 
-@functools.lru_cache(maxsize=8)
 def original(levels: int, flux2: bool = False) -> KeyMap:
     """The original layout of an autoencoder with ``levels`` resolution levels."""
-    return KeyMap((*(FLUX2_RULES if flux2 else ()), *ORIGINAL_RULES), {"levels": levels}, name="original")
+    rules = (*FLUX2_RULES, *ORIGINAL_RULES) if flux2 else ORIGINAL_RULES
+    return KeyMap.of(rules, {"levels": levels}, name="original")
 
 
 def diffusers() -> KeyMap:
-    return KeyMap(DIFFUSERS_RULES, name="diffusers")
+    return KeyMap.of(DIFFUSERS_RULES, name="diffusers")
 
 
 def to_original(key: str, levels: int, flux2: bool = False) -> str:
