@@ -112,6 +112,7 @@ def test_run_cli_registers_plugins_in_the_child():
 
 def test_assert_light_import():
     assert_light_import("tests.testing_plugin")
+    assert_light_import("diffcore.testing")  # loading the pytest plugin stays cheap
     with pytest.raises(AssertionError, match="imports torch"):
         assert_light_import("diffcore.testing.context")
 
