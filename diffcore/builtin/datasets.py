@@ -37,7 +37,7 @@ def records() -> list:
     ]
 
 
-def _build_synthetic(config, where: str = "$.data"):
+def _build_synthetic(config, build=None, where: str = "$.data"):
     from diffcore.data.synthetic import build_synthetic
 
     return build_synthetic(config, where)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import attrs
 
+from diffcore.errors import ConfigError, Problem
+
 
 @attrs.define(kw_only=True)
 class ImageOptions:
@@ -77,7 +79,28 @@ class MixConfig:
 
     @datasets.validator
     def _check(self, attribute: attrs.Attribute, value: list[dict[str, Any]]) -> None:
-        # Structure the inner sections now, so `diffcore validate` reports their problems by path.
-        from diffcore.data.factories import check_mix
+        # The entries' shape now, so `diffcore validate` reports it by path; their options are
+        # structured when the mix builds them (through the build callable the kernel hands it).
+        parse_mix(value)
 
-        check_mix(value)
+
+def parse_mix(sections: list[Any], where: str = "$.data") -> list[tuple[dict[str, Any], float, int]]:
+    """Each entry of a mix as (its dataset section, weight, repeats); problems carry paths."""
+    if not sections:
+        raise ConfigError([Problem(f"{where}.datasets", "a mix needs at least one dataset")])
+    out, problems = [], []
+    for i, section in enumerate(sections):
+        path = f"{where}.datasets[{i}]"
+        if not isinstance(section, dict) or "type" not in section:
+            problems.append(Problem(path, "each entry needs a type: (folder, metadata, ...)"))
+            continue
+        options = dict(section)
+        weight, rep = options.pop("weight", 1.0), options.pop("repeats", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            problems.append(Problem(f"{path}.weight", f"expected a number >= 0, got {weight!r}"))
+        if isinstance(rep, bool) or not isinstance(rep, int) or rep < 0:
+            problems.append(Problem(f"{path}.repeats", f"expected a whole number >= 0, got {rep!r}"))
+        out.append((options, float(weight), rep))
+    if problems:
+        raise ConfigError(problems)
+    return out

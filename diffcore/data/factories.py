@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from diffcore.data.config import FolderConfig, MetadataConfig, MixConfig
+from diffcore.data.config import FolderConfig, MetadataConfig, MixConfig, parse_mix
 from diffcore.errors import UserError
 
 WHERE = "$.data"
 
 
-def build_folder(config: FolderConfig, where: str = WHERE) -> Any:
+def build_folder(config: FolderConfig, build: Build | None = None, where: str = WHERE) -> Any:
     from diffcore.data.dataset import ImageDataset
     from diffcore.data.sources import list_folder
 
@@ -25,7 +26,7 @@ def build_folder(config: FolderConfig, where: str = WHERE) -> Any:
     return ImageDataset(listing, config, where=where)
 
 
-def build_metadata(config: MetadataConfig, where: str = WHERE) -> Any:
+def build_metadata(config: MetadataConfig, build: Build | None = None, where: str = WHERE) -> Any:
     from diffcore.data.dataset import ImageDataset
     from diffcore.data.sources import list_metadata
 
@@ -47,53 +48,28 @@ def build_metadata(config: MetadataConfig, where: str = WHERE) -> Any:
     return ImageDataset(listing, config, where=where)
 
 
-def check_mix(sections: list[Any], where: str = WHERE) -> list[tuple[str, Any, float, int]]:
-    """Each entry of a mix as (type, structured config, weight, repeats); problems carry paths."""
-    from diffcore.api import component_config
+#: what a composite dataset's factory gets to build a nested section: ``build({type: ..., **options},
+#: where) -> Dataset``, structured against the registry with problems reported at ``where``
+Build = Callable[[Mapping[str, Any], str], Any]
+
+
+def build_mix(config: MixConfig, build: Build, where: str = WHERE) -> Any:
+    from diffcore.data.mix import MixDataset
     from diffcore.errors import ConfigError, Problem
 
-    if not sections:
-        raise ConfigError([Problem(f"{where}.datasets", "a mix needs at least one dataset")])
-    out, problems = [], []
-    for i, section in enumerate(sections):
+    datasets, weights, repeats, problems = [], [], [], []
+    for i, (section, weight, rep) in enumerate(parse_mix(config.datasets, where)):
         path = f"{where}.datasets[{i}]"
-        if not isinstance(section, dict) or "type" not in section:
-            problems.append(Problem(path, "each entry needs a type: (folder, metadata, ...)"))
-            continue
-        options = dict(section)
-        kind = str(options.pop("type"))
-        weight, rep = options.pop("weight", 1.0), options.pop("repeats", 1)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            problems.append(Problem(f"{path}.weight", f"expected a number >= 0, got {weight!r}"))
-        if isinstance(rep, bool) or not isinstance(rep, int) or rep < 0:
-            problems.append(Problem(f"{path}.repeats", f"expected a whole number >= 0, got {rep!r}"))
         try:
-            inner = component_config("dataset", kind, options, where=path)
+            datasets.append(build(section, path))
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
         except UserError as exc:  # an unknown type: the message lists what is installed
             problems.append(Problem(exc.where or path, exc.message))
             continue
-        out.append((kind, inner, float(weight), rep))
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-def build_mix(config: MixConfig, where: str = WHERE) -> Any:
-    from diffcore.data.mix import MixDataset
-    from diffcore.registry import get_registry
-
-    datasets, weights, repeats = [], [], []
-    for i, (kind, inner, weight, rep) in enumerate(check_mix(config.datasets, where)):
-        path = f"{where}.datasets[{i}]"
-        builder = {"folder": build_folder, "metadata": build_metadata, "mix": build_mix}.get(kind)
-        if builder is not None and isinstance(inner, (FolderConfig, MetadataConfig, MixConfig)):
-            ds = builder(inner, path)
-        else:
-            ds = get_registry().get("dataset", kind, where=f"{path}.type").spec.factory(inner)
-        datasets.append(ds)
         weights.append(weight)
         repeats.append(rep)
+    if problems:
+        raise ConfigError(problems)
     return MixDataset(datasets, weights, repeats, seed=config.seed, cache_dir=config.cache_dir)
