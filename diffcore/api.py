@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from diffcore.config.structure import structure
+from diffcore.errors import ConfigError, Problem
 from diffcore.registry import get_registry
 
 
@@ -21,7 +23,26 @@ def build_component(kind: str, name: str, options: Mapping[str, Any] | None = No
     """Build component ``name`` of ``kind`` from plain options (as a job section would)."""
     entry = get_registry().get(kind, name)
     config = options if attrs.has(type(options)) else component_config(kind, name, options)
-    return entry.spec.factory(*args, config) if args else entry.spec.factory(config)
+    if kind == "dataset":
+        # composite datasets (mix) build their nested sections through this, not the global registry
+        built = entry.spec.factory(config, functools.partial(build_section, "dataset"))
+    else:
+        built = entry.spec.factory(*args, config) if args else entry.spec.factory(config)
+    if kind == "model":
+        # the registered name is what files record as the architecture, whatever the plugin's class
+        built.architecture = name
+    return built
+
+
+def build_section(kind: str, section: Mapping[str, Any], where: str) -> Any:
+    """Structure and build a nested section (``{type: NAME, **options}``) of ``kind``; problems are
+    reported at ``where`` (``$.data.datasets[0]``...)."""
+    options = dict(section)
+    name = options.pop("type", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError([Problem(f"{where}.type", f"required: the {kind} to use")])
+    config = component_config(kind, name, options, where=where)
+    return build_component(kind, name, config)
 
 
 def load_model(type: str, pretrained: str | None = None, **options: Any) -> Any:

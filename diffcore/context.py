@@ -1,9 +1,16 @@
-"""What the loop shares with methods and callbacks while it runs."""
+"""What the loop shares with methods and callbacks while it runs (public: ``diffcore.TrainContext``).
+
+A method draws every random number of a step through ``ctx.step_random``: the draws are made for the
+*global* batch from a generator seeded by (seed, micro-step) and sliced for this rank, so ranks agree,
+N ranks compute what one rank computes with an N-times batch, and a resumed run draws exactly what the
+uninterrupted run drew. Global torch RNG (dropout inside modules) is saved and restored per rank too.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +23,9 @@ from diffcore.data.sampler import hash_seed
 class StepRandom:
     """The random draws of one micro-step, made for the global batch and sliced for this rank.
 
-    Seeded by (seed, micro-step), so every rank draws the same global tensors, N ranks reproduce one
-    rank with an N-times batch, and a resumed run draws exactly what the uninterrupted one drew.
-    Draws happen on the CPU generator (identical on every device); callers move results.
+    Draws happen on a CPU generator (identical on every device); callers move the results.
+    ``randn((b, ...))`` and ``rand(b)`` take this rank's batch size; ``call(fn, b)`` runs any sampler
+    ``fn(global_n, generator)`` once for the global batch.
     """
 
     def __init__(self, seed: int, micro_step: int, rank: int = 0, world_size: int = 1):
@@ -44,7 +51,12 @@ class StepRandom:
 
 @attrs.define(kw_only=True)
 class TrainContext:
-    """The running job. ``step`` counts optimizer steps done; ``is_main`` is rank 0."""
+    """The running job, handed to ``Method.setup/loss`` and every callback.
+
+    ``step`` counts optimizer steps done; ``step_random`` is the current micro-step's
+    :class:`StepRandom`; ``method_modules`` are the modules the method declared (trained under
+    DeepSpeed with the backbone); ``trainable`` every parameter the optimizer updates.
+    """
 
     job: Any
     model: Any
@@ -57,6 +69,9 @@ class TrainContext:
     world_size: int = 1
     adapter: Any = None
     adapter_params: list[torch.nn.Parameter] | None = None
+    method_modules: dict[str, torch.nn.Module] = attrs.Factory(dict)
+    #: the job's ``train.loss_weighting`` built (None: the scheduler's own ``loss_weight``)
+    loss_weighting: Any = None
     engine: Any = None
     sampler: Any = None
     ema: Any = None
@@ -66,6 +81,8 @@ class TrainContext:
     trainable: list[torch.nn.Parameter] = attrs.Factory(list)
     last_checkpoint: Path | None = None
     callbacks: list[Any] = attrs.Factory(list)
+    #: diffcore's and every loaded plugin's version (recorded in checkpoints and exports)
+    versions: dict[str, str] = attrs.Factory(dict)
 
     @property
     def is_main(self) -> bool:
@@ -75,17 +92,35 @@ class TrainContext:
     def total_steps(self) -> int:
         return self.job.train.steps
 
-    def gathered(self, params: Any = None) -> Any:
+    def gathered(self, params: Iterable[torch.nn.Parameter] | None = None) -> contextlib.AbstractContextManager[Any]:
         """A context in which ``params`` (default: the backbone's) are whole on every rank: under
-        ZeRO-3 DeepSpeed partitions them, so exporting or sampling must gather them first."""
-        import contextlib
-
+        ZeRO-3 DeepSpeed partitions them, so exporting or sampling must gather them first. Every rank
+        must enter it."""
         if self.job.train.deepspeed.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
         params = list(self.model.backbone.parameters()) if params is None else list(params)
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Whole weights (ZeRO-3 gathered), the EMA applied when there is one, and the method's
+        modules in eval mode: the state to sample or evaluate in."""
+        params = list(self.model.backbone.parameters())
+        for module in self.method_modules.values():
+            params += list(module.parameters())
+        with self.gathered(params):
+            weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+            modes = [(m, m.training) for m in self.method_modules.values()]
+            for m, _ in modes:
+                m.eval()
+            try:
+                with weights:
+                    yield
+            finally:
+                for m, mode in modes:
+                    m.train(mode)
 
     @property
     def lr(self) -> float:

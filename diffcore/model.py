@@ -1,29 +1,54 @@
-"""A base class for model plugins that implements the common parts of the model protocol.
+"""The model contract: every member the kernel uses, declared here with its default.
 
-Plugins may use it (it is public API) or provide the protocol themselves. It holds the trainable
-``backbone``, an optional frozen ``autoencoder`` (None = pixel space) and named frozen modules
-(text encoders), and moves them together.
+A model plugin's factory returns a :class:`DiffusionModel` (a subclass). The kernel calls these members
+directly and never probes for them; a subclass overrides what its architecture does differently.
+docs/plugin-api.md describes each member. The base holds the trainable ``backbone``, an optional
+frozen ``autoencoder`` (None = pixel space) and named frozen modules (text encoders), and moves them
+together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from diffcore.errors import UserError
+from diffcore.weights import load_into
+
+PredictionType = Literal["eps", "v", "x0", "flow"]
+#: what :meth:`DiffusionModel.adapter_key` returns for the diffusers layout: one module path, or for a
+#: fused module (Flux's qkv) the diffusers modules it holds, each with the rows of the output it owns
+#: (a row count following the previous part, a (start, stop) pair, or None for "the rest")
+FusedParts = list[tuple[str, int | tuple[int, int] | None]]
+AdapterKey = str | FusedParts | None
+
 
 class DiffusionModel:
-    """Common model-protocol plumbing; subclasses implement ``encode_conditions`` and ``predict``."""
+    """The model contract with its defaults; subclasses implement ``encode_conditions`` and ``predict``."""
 
-    prediction_type: str = "eps"
+    #: what ``predict`` returns: "eps", "v", "x0" or "flow"
+    prediction_type: PredictionType = "eps"
     #: the class index meaning "no class" for classifier-free guidance (class-conditional models)
     null_label: int | None = None
     #: distilled-guidance models take the guidance scale as ``predict(..., guidance=g)``
     guidance_embedded: bool = False
+    #: the guidance value such a model is trained with (Flux dev: 1.0 in kohya and diffusion-pipe)
+    train_guidance: float = 1.0
     #: module-name regexes an adapter wraps when the job names none
     adapter_targets: list[str] = []
+    #: the diffusers component the backbone is published as ("unet", "transformer"): adapter files in
+    #: the PEFT/diffusers layout prefix module names with it
+    diffusers_component: str = "transformer"
+    #: the registered architecture name (set by the kernel when it builds the model) and where the
+    #: weights came from (the plugin sets its ``pretrained`` path; "" for random init): adapter and
+    #: model files record both in their headers
+    architecture: str = ""
+    base_model: str = ""
+    #: the scheduler section a job gets when it names none (``{"type": ..., **options}``)
+    default_scheduler: dict[str, Any] = {"type": "ddpm"}
 
     def __init__(
         self,
@@ -40,7 +65,7 @@ class DiffusionModel:
         for module in self.frozen.values():
             module.requires_grad_(False).eval()
         if autoencoder is not None:
-            getattr(autoencoder, "module", autoencoder).requires_grad_(False)
+            autoencoder.module.requires_grad_(False)
 
     # -- placement -------------------------------------------------------------------------------
     @property
@@ -57,26 +82,33 @@ class DiffusionModel:
         for module in self.frozen.values():
             module.to(device=device)
         if self.autoencoder is not None:
-            ae = self.autoencoder
-            target = ae if hasattr(ae, "to") else ae.module
-            target.to(device)
+            self.autoencoder.to(device)
         return self
 
     # -- latents ---------------------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:
+        """Channels of the latents ``predict`` takes (the sampler draws its start noise with them)."""
         if self.autoencoder is not None:
             return self.autoencoder.latent_channels
         if self._latent_channels is None:
-            raise AttributeError("latent_channels unknown: pass latent_channels= to DiffusionModel")
+            raise NotImplementedError(f"{type(self).__name__}: pass latent_channels= to DiffusionModel")
         return self._latent_channels
 
     @property
     def latent_downscale(self) -> int:
+        """Pixels per latent position along each side."""
         return self.autoencoder.downscale if self.autoencoder is not None else 1
+
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        """Tokens the backbone sees for ``latents`` (drives resolution-dependent flow shifts).
+
+        The default counts latent positions; patchifying models divide by the patch area."""
+        return int(latents.shape[-2]) * int(latents.shape[-1])
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], BCHW -> latents as the backbone sees them (scale and shift applied)."""
         if self.autoencoder is None:
             return pixels
         return self.autoencoder.encode(pixels)
@@ -99,25 +131,54 @@ class DiffusionModel:
         return out
 
     def encode_conditions(self, batch: Mapping[str, Any]) -> Any:
-        raise NotImplementedError
+        """A batch (``captions``, ``labels``, extra inputs) -> what ``predict`` takes as ``cond``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_conditions")
 
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: Any, **extra: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """The backbone's output in ``prediction_type``; ``t`` in the model's own training time."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict")
 
     # -- training knobs --------------------------------------------------------------------------
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Turn per-block activation checkpointing on for backbones that support it."""
-        if hasattr(self.backbone, "gradient_checkpointing"):
-            self.backbone.gradient_checkpointing = enabled
-        else:
-            raise NotImplementedError(f"{type(self.backbone).__name__} has no activation checkpointing")
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Every module a method may unfreeze, by name: the backbone and the text encoders.
 
-    def adapter_key(self, module_path: str, fmt: str) -> str | None:
-        """The name of backbone module ``module_path`` in an adapter file of format ``fmt``."""
-        if fmt == "kohya":
-            return "lora_unet_" + module_path.replace(".", "_")
+        The kernel hands the ones holding trainable parameters to DeepSpeed together with the
+        method's own modules, so clipping, ZeRO and checkpoints cover them."""
+        return {"backbone": self.backbone, **self.frozen}
+
+    def repeated_blocks(self) -> list[str]:
+        """Dotted paths of the backbone's ``nn.ModuleList``s of repeated blocks (for block swap,
+        regional compile and checkpointing); empty when the backbone declares none."""
+        return []
+
+    def flops_per_sample(self, latents: torch.Tensor) -> float | None:
+        """Forward FLOPs of one sample shaped like ``latents[0]`` (for MFU); None when unknown."""
+        return None
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn per-block activation checkpointing on; the default says the backbone has none."""
+        raise UserError(
+            f"{type(self.backbone).__name__} has no activation checkpointing",
+            where="$.train.gradient_checkpointing",
+            hint="set it to false for this model",
+        )
+
+    # -- adapters and export ---------------------------------------------------------------------
+    def adapter_key(self, module_path: str, layout: Literal["original", "diffusers"]) -> AdapterKey:
+        """The name of backbone module ``module_path`` in a published layout, for adapter files.
+
+        "original": the module's name in the original checkpoint (kohya files build on it); "diffusers":
+        its diffusers path or, for a fused module, the list of parts (PEFT files). None: the module has
+        no counterpart there and adapters skip it. The default: the backbone's names are both.
+        """
         return module_path
 
-    def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
-        """The backbone's weights in a published layout; subclasses convert for "original"."""
+    def export_state_dict(self, layout: Literal["original", "diffusers"] = "diffusers") -> dict[str, torch.Tensor]:
+        """The backbone's weights in a published layout (the loop exports "diffusers" as
+        ``model.safetensors``); the default is the backbone's own state dict."""
         return {k: v.detach() for k, v in self.backbone.state_dict().items()}
+
+    def load_exported(self, tensors: Mapping[str, torch.Tensor], where: str = "model.safetensors") -> None:
+        """The inverse of ``export_state_dict("diffusers")``: fill the backbone from that export
+        (``diffcore sample --from`` uses it). The default loads by the backbone's own names."""
+        load_into(self.backbone, tensors, where=where, device=self.device, dtype=self.dtype)

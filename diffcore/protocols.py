@@ -1,70 +1,26 @@
-"""The objects that plugin factories return, as typing Protocols.
+"""The contracts between the kernel and plugins, as typing Protocols (docs/plugin-api.md).
 
-These are the contracts between the kernel and plugins. They are structural: a plugin does not
-subclass them, it provides the attributes and methods. Optional members are marked as such; the
-kernel checks for them with ``getattr``.
+Models and methods have base classes that declare every member with its default
+(:class:`diffcore.model.DiffusionModel`, :class:`diffcore.method.Method`); the kernel calls those
+members directly, never probing with ``getattr``. The protocols below are structural: a plugin
+provides the attributes and methods, with or without subclassing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # typing only: importing this module must not import torch
     import torch
 
-    from diffcore.training.context import TrainContext
+    from diffcore.diffusion.scheduler import SamplingSchedule
+    from diffcore.method import Method as Method
+    from diffcore.model import DiffusionModel as Model
 
 PredictionType = Literal["eps", "v", "x0", "flow"]
 Batch = Mapping[str, Any]
-
-
-@runtime_checkable
-class Model(Protocol):
-    """What a model plugin's factory returns (DESIGN.md, "Model protocol").
-
-    Required:
-      backbone            the torch.nn.Module that trains (UNet, DiT, MMDiT...)
-      prediction_type     "eps", "v", "x0" or "flow"
-      encode_images(pixels in [-1, 1], BCHW) -> latents as the backbone sees them
-      decode_latents(latents) -> pixels in [-1, 1]
-      encode_conditions(batch) -> whatever ``predict`` takes as ``cond``
-      predict(noisy_latents, t, cond, **extra) -> output in ``prediction_type``;
-                          ``t`` is float model time: [0, T) for DDPM-family, sigma in [0, 1] for flow.
-                          ``predict`` casts its inputs to the backbone's dtype; the caller casts the
-                          output to float32 for the loss.
-
-    Optional (the kernel uses them when present):
-      latent_channels: int, latent_downscale: int   latent shape for sampling from pixel size
-      null_batch(batch) -> batch         the same batch with conditioning dropped (empty captions,
-                                         the null class), for classifier-free guidance and dropout
-      guidance_embedded: bool            distilled guidance passed as ``predict(..., guidance=g)``
-      default_scheduler: dict            the scheduler section a job gets when it gives none
-      adapter_targets: list[str]         module-name regexes an adapter wraps by default
-      adapter_key(module_path, fmt) -> str | None
-                                         the name of a backbone module in a saved adapter file:
-                                         fmt "kohya" -> "lora_unet_..."; fmt "peft" -> diffusers path
-      set_gradient_checkpointing(enabled: bool)
-      export_state_dict(layout="diffusers"|"original") -> dict[str, Tensor]
-                                         the backbone's weights in a published layout (the loop
-                                         exports "diffusers" as model.safetensors)
-      load_exported(tensors)             the inverse: fill the backbone from that export
-                                         (``diffcore sample --from`` uses it)
-      trainable_modules() -> dict[str, nn.Module] extra modules (text encoders) a method may train
-      to(device, dtype) and the frozen parts (autoencoder, text encoders) follow the backbone's device
-    """
-
-    backbone: torch.nn.Module
-    prediction_type: PredictionType
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
-
-    def encode_conditions(self, batch: Batch) -> Any: ...
-
-    def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: Any, **extra: Any) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -75,11 +31,21 @@ class Scheduler(Protocol):
     ``sample_t(n, generator, device, seq_len=None)`` draws n training times in model time
     (``seq_len``, the latent token count, drives resolution-dependent shifts).
     ``add_noise(x0, noise, t)`` -> noisy sample; ``target(x0, noise, t, prediction_type)`` -> what the
-    model should output; ``loss_weight(t, prediction_type)`` -> per-sample weights (shape (n,)).
-    ``noise_offset`` (float) and ``input_perturbation`` are applied by the method.
+    model should output; ``loss_weight(t, prediction_type)`` -> per-sample weights (shape (n,)), used
+    when the job names no ``train.loss_weighting``; ``alpha_sigma(t)`` -> (alpha, sigma) with
+    x_t = alpha x0 + sigma noise (loss weightings derive SNR from it); ``noise_offset`` (float) is
+    applied by the method. ``sampling_schedule(steps, sampler, seq_len=, karras=)`` -> the
+    :class:`~diffcore.diffusion.scheduler.SamplingSchedule` a sampler walks at inference.
     """
 
     kind: Literal["ddpm", "flow"]
+    noise_offset: float
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def sampling_schedule(
+        self, steps: int, sampler: str = "euler", *, seq_len: int | None = None, karras: bool = False
+    ) -> SamplingSchedule: ...
 
     def sample_t(
         self, n: int, generator: torch.Generator, device: torch.device, seq_len: int | None = None
@@ -99,16 +65,20 @@ class Adapter(Protocol):
     """An adapter built from the ``adapter`` section.
 
     ``attach(model)`` injects into ``model.backbone`` (and text encoders when configured), freezes the
-    base weights and returns the parameters that train. ``state_dict(fmt)`` gives the saved tensors
-    ("kohya" default, or "peft"); ``save(path, fmt, metadata)`` writes safetensors with metadata;
-    ``load(path)`` reads either format back into the attached modules.
+    base weights and returns the parameters that train. ``save(path, fmt, metadata)`` writes
+    safetensors with ``metadata`` in the header (``fmt`` None: the adapter's configured format; the
+    adapter plugin owns its file naming, e.g. kohya's ``lora_unet_``); ``load(path)`` reads a saved
+    file back into the attached modules; ``from_file(model, path, strength)`` applies a saved file to
+    a model without a job (``diffcore sample --adapter``), sizes read from the file.
     """
 
     def attach(self, model: Model) -> list[torch.nn.Parameter]: ...
 
-    def save(self, path: str | Path, fmt: str = "kohya", metadata: Mapping[str, str] | None = None) -> None: ...
+    def save(self, path: str | Path, fmt: str | None = None, metadata: Mapping[str, str] | None = None) -> None: ...
 
     def load(self, path: str | Path) -> None: ...
+
+    def from_file(self, model: Model, path: str | Path, strength: float = 1.0) -> Any: ...
 
 
 @runtime_checkable
@@ -126,28 +96,20 @@ class Dataset(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-class Method(Protocol):
-    """How a batch becomes a loss (the ``method`` section).
-
-    ``setup(ctx)`` chooses what trains (returns the parameters; an adapter's when one is attached)
-    and may add modules; ``loss(ctx, batch)`` returns (scalar loss, dict of floats to log).
-    """
-
-    def setup(self, ctx: TrainContext) -> Iterable[torch.nn.Parameter]: ...
-
-    def loss(self, ctx: TrainContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
 class Autoencoder(Protocol):
     """An image autoencoder as latent architectures use it.
 
     ``encode(pixels, sample=False, generator=None)`` -> normalised latents (scale and shift applied);
     ``decode(latents)`` -> pixels in [-1, 1]; ``latent_channels``; ``downscale`` (pixels per latent);
-    ``module``: the torch module (frozen during training).
+    ``module``: the torch module (frozen during training); ``to(device)`` moves it (keeping the
+    precision it needs, e.g. fp32 for an SDXL VAE asked for fp16).
     """
 
     latent_channels: int
     downscale: int
+    module: torch.nn.Module
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any: ...
 
     def encode(
         self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None

@@ -6,6 +6,7 @@ during training match final inference.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from diffcore.diffusion import objectives
 from diffcore.diffusion.guidance import classifier_free_guidance
 from diffcore.diffusion.samplers import Sampler, StepCallback
+from diffcore.method import Method
+from diffcore.model import DiffusionModel
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:
@@ -27,16 +30,9 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     raise ValueError("the batch needs 'captions' or 'labels' to tell how many images to generate")
 
 
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.backbone.parameters()).device
-
-
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: DiffusionModel,
     scheduler: Any,
     *,
     batch: Mapping[str, Any],
@@ -52,6 +48,7 @@ def generate(
     karras: bool = False,
     callback: StepCallback | None = None,
     return_latents: bool = False,
+    method: Method | None = None,
 ) -> torch.Tensor:
     """Sample one image per batch entry; returns pixels (B, C, H, W) in [-1, 1] on the model's device.
 
@@ -60,7 +57,8 @@ def generate(
     noise and every stochastic step, independent of device. ``karras`` spaces DDPM-family levels per
     Karras et al. ``sampler`` is a registered sampler's name (built with ``sampler_options``, see
     :func:`build_sampler`) or a built sampler; ``eta`` is DDIM's noise (for a sampler given by name
-    whose config has ``eta``).
+    whose config has ``eta``). ``method``: predict through ``method.predict`` (a
+    ControlNet's residuals, say) with ``batch`` carrying its ``inference_inputs``.
     """
     if isinstance(sampler, str):
         sampler = build_sampler(sampler, sampler_options, eta=eta)
@@ -68,30 +66,31 @@ def generate(
     model.backbone.eval()
     try:
         n = batch_size(batch)
-        down = int(getattr(model, "latent_downscale", 1))
+        down = int(model.latent_downscale)
         if height % down or width % down:
             raise ValueError(
                 f"height and width must be multiples of {down} for this model, got {height}x{width}"
             )
         shape = (n, int(model.latent_channels), height // down, width // down)
-        device = _device(model)
+        device = model.device
         generator = torch.Generator("cpu").manual_seed(int(seed))
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
         seq_len = None
         if scheduler.kind == "flow":
-            seq_len = (
-                int(model.sequence_length(noise))
-                if hasattr(model, "sequence_length")
-                else shape[2] * shape[3]
-            )
+            seq_len = int(model.sequence_length(noise))
         karras = karras or sampler.karras
         schedule = scheduler.sampling_schedule(steps, sampler.schedule_as, seq_len=seq_len, karras=karras)
 
         cond = model.encode_conditions(batch)
-        embedded = bool(getattr(model, "guidance_embedded", False))
+        embedded = model.guidance_embedded
         use_cfg = not embedded and guidance is not None and guidance != 1.0
-        uncond = model.encode_conditions(model.null_batch(batch)) if use_cfg else None
+        null_batch = model.null_batch(batch) if use_cfg else batch
+        uncond = model.encode_conditions(null_batch) if use_cfg else None
+        if method is None:
+            predict = functools.partial(_model_predict, model)
+        else:
+            predict = functools.partial(method.predict, model)
         extra = {}
         if embedded and guidance is not None:
             extra["guidance"] = torch.full((n,), float(guidance), device=device)
@@ -99,9 +98,9 @@ def generate(
 
         def denoise(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             t = torch.full((n,), float(schedule.timesteps[i]), device=device, dtype=torch.float32)
-            out = model.predict(x, t, cond, **extra).float()
+            out = predict(x, t, cond, batch, **extra).float()
             if use_cfg:
-                out_u = model.predict(x, t, uncond, **extra).float()
+                out_u = predict(x, t, uncond, null_batch, **extra).float()
                 out = classifier_free_guidance(out, out_u, guidance, guidance_rescale)
             alpha, sigma = float(schedule.alphas[i]), float(schedule.sigmas[i])
             return objectives.to_x0_eps(out, x, alpha, sigma, prediction_type)
@@ -110,10 +109,14 @@ def generate(
         latents = sampler(denoise, start, schedule, generator=generator, callback=callback)
         if return_latents:
             return latents
-        pixels = model.decode_latents(latents.to(getattr(model, "dtype", torch.float32)))
+        pixels = model.decode_latents(latents.to(model.dtype))
         return pixels.float().clamp(-1, 1)
     finally:
         model.backbone.train(was_training)
+
+
+def _model_predict(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: Any, batch: Any, **extra: Any) -> torch.Tensor:
+    return model.predict(x, t, cond, **extra)
 
 
 def build_sampler(

@@ -42,6 +42,8 @@ class SampleConfig:
     width: int | None = None
     seed: int = 0
     at_end: bool = True
+    #: the method's extra inference inputs by batch key, e.g. ``{control: edges.png}``
+    inputs: dict[str, str] = attrs.Factory(dict)
 
 
 @attrs.define(kw_only=True)

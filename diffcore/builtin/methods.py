@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-import attrs
-
+from diffcore.methods.config import DiffusionMethodConfig
 from diffcore.records import MethodSpec
-
-
-@attrs.define(kw_only=True)
-class DiffusionMethodConfig:
-    """The default method: train the model's ``prediction_type`` objective with the job's scheduler."""
-
-    #: share of examples whose conditioning is dropped (captions emptied, null class), for guidance
-    condition_dropout: float = 0.0
-    loss: Literal["mse", "l1", "huber"] = "mse"
-    huber_delta: float = 1.0
 
 
 def _diffusion(config: DiffusionMethodConfig):

@@ -27,7 +27,7 @@ class CheckpointCallback(Callback):
         from diffcore.training.checkpoint import save_checkpoint
 
         path = save_checkpoint(ctx)
-        for cb in getattr(ctx, "callbacks", []) or []:
+        for cb in ctx.callbacks:
             if cb is not self:
                 cb.on_checkpoint(ctx, path)
 
@@ -148,12 +148,23 @@ class SampleCallback(Callback):
         if not batch:
             return None
         size = _default_size(ctx)
+        height, width = self.config.height or size, self.config.width or size
+        if self.config.inputs:
+            from diffcore.inputs import load_inputs
+            from diffcore.sampling import batch_size
+
+            batch.update(
+                load_inputs(
+                    self.config.inputs, count=batch_size(batch), height=height, width=width,
+                    device=ctx.device, where="$.callbacks[sample].inputs",
+                )
+            )
         pixels = _eval_generate(
             ctx,
             generate,
             batch=batch,
-            height=self.config.height or size,
-            width=self.config.width or size,
+            height=height,
+            width=width,
             steps=self.config.steps,
             sampler=self.config.sampler,
             guidance=self.config.guidance,
@@ -178,19 +189,16 @@ def _default_size(ctx: Any) -> int:
 
 
 def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
-    """Generate with the training model in eval mode (with the EMA weights when there is an EMA),
-    gathering the weights ZeRO-3 partitioned."""
-    import contextlib
-
+    """Generate with the training model in eval mode, whole (ZeRO-3 gathered), with the EMA weights
+    when there is an EMA, through the method's ``predict`` (its extra inputs included)."""
     import torch
 
     backbone = ctx.model.backbone
     was_training = backbone.training
     backbone.eval()
-    weights = ctx.ema.applied() if ctx.ema is not None else contextlib.nullcontext()
     try:
-        with ctx.gathered(), weights, torch.no_grad():
-            return generate(ctx.model, ctx.scheduler, **kwargs)
+        with ctx.evaluating(), torch.no_grad():
+            return generate(ctx.model, ctx.scheduler, method=ctx.method, **kwargs)
     finally:
         backbone.train(was_training)
 

@@ -53,8 +53,7 @@ def cache_command(args: argparse.Namespace) -> int:
     if cache.needs_autoencoder or cache.text_todo:
         model = build_component("model", job.model.type, job.model.config)
         device = _device(args.device or job.train.device)
-        if hasattr(model, "to"):
-            model.to(device)
+        model.to(device)
         cache.build(model, batch_size=args.batch_size, progress=not args.no_progress)
     problems = getattr(dataset, "problems", [])
     if problems:

@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from diffcore.errors import UserError
 
 SAMPLERS_HELP = (
@@ -65,6 +67,14 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="N",
         help="a class (repeatable)",
+    )
+    gen.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="KEY=IMAGE",
+        help="an extra input the job's method samples with, e.g. control=edges.png (repeatable)",
     )
     gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
@@ -125,6 +135,15 @@ def _parse_adapter(spec: str) -> tuple[Path, float]:
             f"adapter file {path!r} not found", where="--adapter", hint="give FILE or FILE:STRENGTH"
         )
     return Path(path), strength
+
+
+def _parse_input(text: str) -> tuple[str, str]:
+    key, sep, path = text.partition("=")
+    if not sep or not key.strip() or not path:
+        raise UserError(f"expected KEY=IMAGE, got {text!r}", where="--input", hint="e.g. --input control=edges.png")
+    if not Path(path).is_file():
+        raise UserError(f"image {path!r} not found", where=f"--input {key.strip()}")
+    return key.strip(), path
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -201,56 +220,32 @@ def _weights_dir(output_dir: Path, checkpoint: str) -> Path:
     return folder
 
 
-def _load_backbone(model: Any, path: Path) -> None:
-    import torch
+def _load_weights(model: Any, modules: dict[str, Any], folder: Path) -> None:
+    """The trained weights of a run's output folder (``final/`` or a checkpoint) into ``model`` and
+    the method's modules: the backbone through the model's ``load_exported``, each method module
+    from ``<name>.safetensors``."""
     from safetensors.torch import load_file
 
     from diffcore.weights import load_into
 
-    tensors = load_file(str(path))
-    loader = getattr(model, "load_exported", None)
-    if loader is not None:
-        loader(tensors)
-        return
-    backbone = model.backbone
-    own = backbone.state_dict()
-    if set(tensors) == set(own):
-        load_into(
-            backbone, tensors, where=str(path), device=model.device if hasattr(model, "device") else "cpu"
-        )
-        return
-    # an export that only renames: match exported keys to parameters by shared storage
-    rename: dict[str, str] = {}
-    export = getattr(model, "export_state_dict", None)
-    if export is not None:
-        by_ptr = {v.data_ptr(): k for k, v in own.items() if isinstance(v, torch.Tensor) and v.numel()}
-        for key, value in export("diffusers").items():
-            name = by_ptr.get(value.data_ptr())
-            if name is not None:
-                rename[key] = name
-    if set(rename) != set(tensors):
-        raise UserError(
-            "the saved model weights do not map onto this model's backbone",
-            where=str(path),
-            hint="the model plugin needs load_exported(tensors) for its export layout",
-        )
-    load_into(
-        backbone, tensors, where=str(path), rename=rename.get, device=next(backbone.parameters()).device
-    )
+    if (folder / "model.safetensors").is_file():
+        model.load_exported(load_file(str(folder / "model.safetensors")), where=str(folder / "model.safetensors"))
+    for name, module in modules.items():
+        file = folder / f"{name}.safetensors"
+        if not file.is_file():
+            raise UserError(
+                f"the method's module {name!r} has no {file.name} here",
+                where=str(folder),
+                hint="sample from the folder of the run that trained it",
+            )
+        load_into(module, load_file(str(file)), where=str(file), device=model.device)
 
 
 def _apply_adapter_file(model: Any, adapter_type: str, path: Path, strength: float) -> Any:
     from diffcore.api import build_component
 
     adapter = build_component("adapter", adapter_type, {})
-    from_file = getattr(type(adapter), "from_file", None)
-    if from_file is not None:
-        return from_file(model, path, strength)
-    adapter.attach(model)
-    adapter.load(path)
-    if hasattr(adapter, "set_strength"):
-        adapter.set_strength(strength)
-    return adapter
+    return adapter.from_file(model, path, strength)
 
 
 def _device(name: str):
@@ -265,8 +260,22 @@ def _device(name: str):
     return torch.device("cpu")
 
 
-def load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Path | None, int | None]:
-    """(model, scheduler, output_dir or None, default resolution or None) for the parsed options."""
+@attrs.frozen
+class Loaded:
+    """What ``diffcore sample`` generates with: the model (trained weights in), its scheduler, the
+    job's method and the method's modules (None and {} without a job), where the run wrote, and the
+    job's resolution."""
+
+    model: Any
+    scheduler: Any
+    method: Any
+    modules: dict[str, Any]
+    output_dir: Path | None
+    resolution: int | None
+
+
+def load_for_sampling(args: argparse.Namespace) -> Loaded:
+    """Everything ``diffcore sample`` needs for the parsed options."""
     from diffcore.api import build_component, component_config
 
     job = None
@@ -304,14 +313,17 @@ def load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Path | None, 
         sched_type, sched_options = None, None
     if sched_type is None or args.scheduler:
         # the model's default scheduler (what training used when the job named none), or --scheduler
-        default = dict(getattr(model, "default_scheduler", None) or {"type": "ddpm"})
+        default = dict(model.default_scheduler)
         default_type = default.pop("type", "ddpm")
         sched_type = args.scheduler or default_type
         options = default if sched_type == default_type else {}
         sched_options = component_config("scheduler", sched_type, options, where="--scheduler")
     scheduler = build_component("scheduler", sched_type, sched_options)
 
+    method = None
+    modules: dict[str, Any] = {}
     if job is not None:
+        method = build_component("method", job.method.type, job.method.config)
         folder = _weights_dir(output_dir, args.checkpoint)
         if (folder / "adapter.safetensors").is_file():
             if job.adapter is None:
@@ -321,14 +333,14 @@ def load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Path | None, 
             adapter = build_component("adapter", job.adapter.type, job.adapter.config)
             adapter.attach(model)
             adapter.load(folder / "adapter.safetensors")
-        elif (folder / "model.safetensors").is_file():
-            _load_backbone(model, folder / "model.safetensors")
-        else:
+        modules = method.modules(model)
+        if not (folder / "adapter.safetensors").is_file() and not (folder / "model.safetensors").is_file() and not modules:
             raise UserError("neither model.safetensors nor adapter.safetensors here", where=str(folder))
+        _load_weights(model, modules, folder)
     for spec in args.adapters:
         path, strength = _parse_adapter(spec)
         _apply_adapter_file(model, args.adapter_type, path, strength)
-    return model, scheduler, output_dir, resolution
+    return Loaded(model, scheduler, method, modules, output_dir, resolution)
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -339,15 +351,26 @@ def sample_command(args: argparse.Namespace) -> int:
     from diffcore.sampling import build_sampler, generate, image_grid, save_png
 
     sampler = build_sampler(args.sampler, _sampler_options(args), eta=args.eta, where="--sampler")
-    model, scheduler, output_dir, resolution = load_for_sampling(args)
+    loaded = load_for_sampling(args)
+    model, scheduler, method, output_dir = loaded.model, loaded.scheduler, loaded.method, loaded.output_dir
     device = _device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype or ""
     )
-    if hasattr(model, "to"):
-        model.to(device, dtype) if dtype is not None else model.to(device)
-    height = args.height or resolution or 512
+    model.to(device, dtype)
+    for module in loaded.modules.values():
+        module.to(device=device, dtype=dtype).eval()
+    height = args.height or loaded.resolution or 512
     width = args.width or height
+    inputs = dict(_parse_input(spec) for spec in args.inputs)
+    needed = tuple(method.inference_inputs) if method is not None else ()
+    missing = [key for key in needed if key not in inputs]
+    if missing:
+        raise UserError(
+            f"the {type(method).__name__} method needs {', '.join(missing)} to sample",
+            where="--input",
+            hint=" ".join(f"--input {key}=IMAGE" for key in missing),
+        )
 
     n = max(len(args.prompts), len(args.labels))
     entries = [(i, j) for i in range(n) for j in range(args.count)]
@@ -356,7 +379,7 @@ def sample_command(args: argparse.Namespace) -> int:
     )
     guidance = args.guidance
     if guidance is None:  # distilled-guidance models keep their own default
-        guidance = None if getattr(model, "guidance_embedded", False) else 4.0
+        guidance = None if model.guidance_embedded else 4.0
     images = []
     for chunk_index, start in enumerate(range(0, len(entries), args.batch_size)):
         chunk = entries[start : start + args.batch_size]
@@ -365,6 +388,10 @@ def sample_command(args: argparse.Namespace) -> int:
             batch["captions"] = [args.prompts[i] for i, _ in chunk]
         if args.labels:
             batch["labels"] = torch.tensor([args.labels[i] for i, _ in chunk], device=device)
+        if inputs:
+            from diffcore.inputs import load_inputs
+
+            batch.update(load_inputs(inputs, count=len(chunk), height=height, width=width, device=device))
         try:
             pixels = generate(
                 model,
@@ -377,6 +404,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 guidance=guidance,
                 guidance_rescale=args.guidance_rescale,
                 seed=args.seed + chunk_index,
+                method=method,
             )
         except ValueError as exc:
             raise UserError(str(exc), where="diffcore sample") from None

@@ -1,8 +1,10 @@
 """Checkpoints: atomic, resumable, pruned.
 
-``checkpoints/step-<N>/`` holds DeepSpeed's resume state (``deepspeed/``), ``trainer.json`` (step,
-data position), per-rank RNG states, the EMA, and the exported trainable weights
-(``model.safetensors`` or ``adapter.safetensors``). It is written under ``.tmp-step-<N>`` and renamed
+``checkpoints/step-<N>/`` holds DeepSpeed's resume state (``deepspeed/``: every trainable module,
+the method's too, with optimizer and lr-schedule state), ``trainer.json`` (step, data position,
+versions), per-rank RNG states, the EMA, the method's and callbacks' own state (``state/``), and the
+exported trainable weights (``model.safetensors`` or ``adapter.safetensors``, and
+``<name>.safetensors`` per method module). It is written under ``.tmp-step-<N>`` and renamed
 into place only when complete, so a crash or kill while saving leaves the previous checkpoint as it
 was and never a half-written ``step-<N>``.
 """
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 
 from diffcore.errors import UserError
 from diffcore.training.distributed import barrier
+from diffcore.training.state import load_states, save_states
 from diffcore.weights import save_safetensors
 
 STATE_TAG = "deepspeed"
@@ -87,23 +90,37 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
 
 
+def file_metadata(ctx: Any) -> dict[str, str]:
+    """What every file diffcore writes records in its header: the step, the registered architecture,
+    the base model and the versions of diffcore and every loaded plugin."""
+    return {
+        "diffcore.step": str(ctx.step),
+        "diffcore.architecture": ctx.job.model.type,
+        "diffcore.base_model": ctx.model.base_model,
+        "diffcore.versions": json.dumps(ctx.versions, sort_keys=True),
+    }
+
+
 def export_weights(ctx: Any, folder: Path) -> Path:
-    """Write the trainable weights (adapter or model) into ``folder`` on rank 0; the path written."""
-    meta = {"diffcore_step": str(ctx.step), "diffcore_model": ctx.job.model.type}
+    """Write the trainable weights into ``folder`` on rank 0 (every rank joins ZeRO-3 gathers):
+    the adapter or the model, and each method module as ``<name>.safetensors``. The main path."""
+    meta = file_metadata(ctx)
+    for name, module in ctx.method_modules.items():
+        with ctx.gathered(module.parameters()):
+            if ctx.is_main:
+                tensors = {k: v.detach() for k, v in module.state_dict().items()}
+                save_safetensors(tensors, folder / f"{name}.safetensors", {**meta, "diffcore.module": name})
     if ctx.adapter is not None:
         path = folder / "adapter.safetensors"
         # every rank joins the gather (ZeRO-3 partitions adapter tensors above its persistence threshold)
         with ctx.gathered(ctx.adapter_params):
             if ctx.is_main:
-                fmt = getattr(ctx.adapter.config, "save_format", "kohya") if hasattr(ctx.adapter, "config") else "kohya"
-                ctx.adapter.save(path, fmt, meta)
+                ctx.adapter.save(path, None, meta)
         return path
     path = folder / "model.safetensors"
     with ctx.gathered():
         if ctx.is_main:
-            export = getattr(ctx.model, "export_state_dict", None)
-            tensors = export("diffusers") if export else ctx.model.backbone.state_dict()
-            save_safetensors(tensors, path, meta)
+            save_safetensors(ctx.model.export_state_dict("diffusers"), path, meta)
     return path
 
 
@@ -122,13 +139,16 @@ def save_checkpoint(ctx: Any) -> Path:
     save_safetensors(_rng_state(), tmp / f"rng-rank{ctx.rank}.safetensors")
     if ctx.is_main:
         if ctx.ema is not None:
-            save_safetensors(ctx.ema.state_dict(), tmp / "ema.safetensors")
+            save_safetensors(ctx.ema.state_dict(), tmp / "ema.safetensors", file_metadata(ctx))
+        # the method's and callbacks' own state goes in before the rename, so it is never missing
+        save_states(tmp / "state", ctx.method, ctx.callbacks)
         state = {
             "step": ctx.step,
             "sampler": ctx.sampler.state_dict(),
             "world_size": ctx.world_size,
             "job": ctx.job.name,
             "seed": ctx.job.seed,
+            "versions": ctx.versions,
         }
         (tmp / "trainer.json.tmp").write_text(json.dumps(state, indent=2))
     export_weights(ctx, tmp)
@@ -191,6 +211,7 @@ def load_checkpoint(ctx: Any, path: Path) -> None:
         _set_rng_state(load_file(str(rng_file)))
     if ctx.ema is not None and (path / "ema.safetensors").exists():
         ctx.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    load_states(path / "state", ctx.method, ctx.callbacks)
 
 
 def _use_safe_loading(engine: Any) -> None:

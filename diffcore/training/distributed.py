@@ -89,22 +89,57 @@ def barrier() -> None:
         td.barrier()
 
 
-def all_mean(value: float) -> float:
-    """Mean of a float over ranks."""
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces only CUDA tensors (on this rank's
+    device), gloo only CPU ones."""
     import torch.distributed as td
 
-    if not td.is_initialized() or td.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+    if td.is_initialized() and td.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world() -> int:
+    import torch.distributed as td
+
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def all_mean_tensor(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean over ranks of a tensor on any device (returned on the same device)."""
+    if _world() == 1:
+        return values
+    import torch.distributed as td
+
+    t = values.detach().to(collective_device(), torch.float64)
     td.all_reduce(t)
-    return float(t.item()) / td.get_world_size()
+    return (t / td.get_world_size()).to(values.device)
+
+
+def all_min_tensor(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over ranks (returned on the same device)."""
+    if _world() == 1:
+        return values
+    import torch.distributed as td
+
+    t = values.detach().to(collective_device(), torch.float64)
+    td.all_reduce(t, op=td.ReduceOp.MIN)
+    return t.to(values.device)
+
+
+def all_mean(value: float) -> float:
+    """Mean of a float over ranks."""
+    if _world() == 1:
+        return value
+    return float(all_mean_tensor(torch.tensor([value], dtype=torch.float64)).item())
 
 
 def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    if _world() == 1:
+        return flag
     import torch.distributed as td
 
-    if not td.is_initialized() or td.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     td.all_reduce(t, op=td.ReduceOp.MIN)
     return bool(t.item())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -11,18 +10,20 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.api import build_component, component_config
+from diffcore.api import build_component, build_loss_weighting, component_config
 from diffcore.config.job import Job, Section, dump_job
+from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.sampler import BucketBatchSampler, hash_seed
-from diffcore.errors import TrainingError, UserError
+from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
-from diffcore.training.context import StepRandom, TrainContext
 from diffcore.training.deepspeed_config import deepspeed_config
-from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed
+from diffcore.training.distributed import all_mean, barrier, init_distributed
 from diffcore.training.ema import EMA
+from diffcore.training.modules import TrainedModules, parameter_names
 from diffcore.training.schedule import lr_lambda
+from diffcore.training.window import LossWindow
 
 #: callbacks every run has, before the job's own
 DEFAULT_CALLBACKS = ["checkpoint", "metrics", "progress"]
@@ -54,7 +55,7 @@ def _tensorboard_available() -> bool:
 def scheduler_section(job: Job, model: Any) -> Section:
     if job.scheduler is not None:
         return job.scheduler
-    default = dict(getattr(model, "default_scheduler", None) or {"type": "ddpm"})
+    default = dict(model.default_scheduler)
     name = default.pop("type")
     return Section(type=name, config=component_config("scheduler", name, default, where="$.scheduler"))
 
@@ -95,6 +96,9 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     sched_section = scheduler_section(job, model)
     scheduler = build_component("scheduler", sched_section.type, sched_section.config)
     method = build_component("method", job.method.type, job.method.config)
+    problems = method.validate(job)
+    if problems:
+        raise ConfigError(problems, source=job.source)
     model.to(dist.device)
     if cache is not None:
         dataset = _fill_cache(cache, job, dataset, model, dist.rank)
@@ -111,15 +115,23 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
         device=dist.device,
         rank=dist.rank,
         world_size=dist.world_size,
+        versions=get_registry().versions(),
+        loss_weighting=build_loss_weighting(job.loss_weighting),
     )
     if job.adapter is not None:
         ctx.adapter = build_component("adapter", job.adapter.type, job.adapter.config)
         ctx.adapter_params = list(ctx.adapter.attach(model))
-    trainable = [p for p in method.setup(ctx) if p.requires_grad]
+    ctx.method_modules = dict(method.modules(model))
+    for module in ctx.method_modules.values():
+        module.to(dist.device).train()
+    trainable = _unique([p for p in method.setup(ctx) if p.requires_grad])
+    trainable = _unique(trainable + [p for m in ctx.method_modules.values() for p in m.parameters() if p.requires_grad])
     if not trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
     ctx.trainable = trainable
-    names = _param_names(model, trainable)
+    container = TrainedModules(model, ctx.method_modules)
+    container.check_holds(trainable)
+    names = parameter_names(container, trainable)
 
     opt_section = job.optimizer or Section(type="adamw", config=component_config("optimizer", "adamw", {}))
     optimizer = get_registry().get("optimizer", opt_section.type).spec.factory(trainable, opt_section.config, job.train.lr)
@@ -128,8 +140,11 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     )
     import deepspeed
 
+    # One module holds every trainable parameter (backbone, adapter branches inside it, unfrozen
+    # text encoders, the method's modules): clipping, zeroing, the initial broadcast, ZeRO
+    # partitioning and mixed precision all apply to the whole of what trains.
     engine, _, _, _ = deepspeed.initialize(
-        model=model.backbone,
+        model=container,
         optimizer=optimizer,
         lr_scheduler=lr_sched,
         config=deepspeed_config(job, dist.world_size),
@@ -171,7 +186,7 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     if dist.rank == 0 and ctx.ema is not None:
         from diffcore.weights import save_safetensors
 
-        save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors")
+        save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors", ckpt.file_metadata(ctx))
     barrier()
     return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
 
@@ -210,65 +225,63 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
     batches = iter(loader)
     engine = ctx.engine
     engine.train()
-    window_start, window_samples, window_losses = time.time(), 0, []
+    window = LossWindow(ctx.device)
+    window_start, window_samples = time.time(), 0
     last_loss = None
+    every = job.train.checkpoint_every
     while ctx.step < job.train.steps:
-        step_losses = []
-        extra: dict[str, float] = {}
         for micro in range(gas):
             batch = next(batches)
             ctx.step_random = StepRandom(job.seed, ctx.step * gas + micro, ctx.rank, ctx.world_size)
             loss, logs = ctx.method.loss(ctx, batch)
-            value = float(loss.detach())
-            if not all_true(math.isfinite(value)):
-                raise TrainingError(_nan_message(ctx, value))
+            window.add_micro(loss, logs, ctx.step + 1, 1.0 / gas)
             engine.backward(loss)
             engine.step()
             ctx.sampler.position += 1
-            step_losses.append(value)
-            for k, v in logs.items():
-                extra[k] = extra.get(k, 0.0) + float(v) / gas
         ctx.step += 1
+        last_loss = window.end_step()
         if ctx.ema is not None:
             ctx.ema.update()
-        last_loss = sum(step_losses) / len(step_losses)
-        window_losses.append(last_loss)
         window_samples += ctx.sampler.global_batch * gas
-        if ctx.step % job.train.log_every == 0 or ctx.step == job.train.steps:
+        logged = ctx.step % job.train.log_every == 0 or ctx.step == job.train.steps
+        # the host reads the losses only here: at logged steps, and before a checkpoint can keep weights
+        if logged or (every and ctx.step % every == 0):
+            bad = window.first_bad()
+            if bad is not None:
+                raise TrainingError(_nan_message(ctx, *bad))
+        logs = None
+        if logged:
             now = time.time()
             logs = {
                 "step": ctx.step,
-                # one reduction per logged step, not per step: the mean over ranks is linear
-                "loss": all_mean(sum(window_losses) / len(window_losses)),
+                **window.close(),
                 "lr": ctx.lr,
                 "samples_per_sec": window_samples / max(now - window_start, 1e-9),
                 "elapsed_s": now - ctx.start_time,
                 "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
-                **extra,
             }
-            window_start, window_samples, window_losses = now, 0, []
-        else:
-            logs = None
+            window_start, window_samples = now, 0
         for cb in callbacks:
             cb.on_step_end(ctx, logs)
-    return None if last_loss is None else all_mean(last_loss)
+    return None if last_loss is None else all_mean(float(last_loss.item()))
 
 
-def _nan_message(ctx: TrainContext, value: float) -> str:
+def _nan_message(ctx: TrainContext, step: int, value: float) -> str:
     kept = f"the last good checkpoint is {ctx.last_checkpoint}" if ctx.last_checkpoint else "no checkpoint was written yet"
     return (
-        f"loss became {value} at step {ctx.step + 1}; training stopped and {kept}. "
+        f"loss became {value} at step {step}; training stopped and {kept}. "
         "Lower train.lr, raise warmup_steps, or use bf16 instead of fp16"
     )
 
 
-def _param_names(model: Any, params: list[torch.nn.Parameter]) -> list[str]:
-    ids = {id(p): i for i, p in enumerate(params)}
-    names = [f"param{i}" for i in range(len(params))]
-    for name, p in model.backbone.named_parameters():
-        if id(p) in ids:
-            names[ids[id(p)]] = name
-    return names
+def _unique(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -44,6 +44,7 @@ def build_model(config: DiTConfig) -> DiTModel:
             hint="leave in_channels unset in latent space, or pick the autoencoder the checkpoint was trained with",
         )
     model = DiTModel(backbone, prediction_type=config.prediction_type, autoencoder=autoencoder)
+    model.base_model = str(config.pretrained or "")
     if config.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     return model

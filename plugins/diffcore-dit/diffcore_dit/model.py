@@ -134,7 +134,13 @@ class DiTModel(DiffusionModel):
         save_safetensors(tensors, file, {"format": "pt", ARCH_METADATA: arch})
         return file
 
-    def adapter_key(self, module_path: str, fmt: str) -> str | None:
-        if fmt == "kohya":  # over the original DiT names, as kohya-style files name the original modules
-            return "lora_unet_" + original_key(module_path).replace(".", "_")
+    def adapter_key(self, module_path: str, layout: str) -> str | None:
+        if layout == "original":
+            return original_key(module_path)
         return diffusers_module_name(module_path)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.backbone.gradient_checkpointing = enabled
+
+    def repeated_blocks(self) -> list[str]:
+        return ["blocks"]

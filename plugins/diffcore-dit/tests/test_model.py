@@ -103,9 +103,9 @@ def test_adapter_targets_and_names():
     assert targeted == sorted(
         f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     )
-    assert model.adapter_key("blocks.1.attn.proj", "kohya") == "lora_unet_blocks_1_attn_proj"
-    assert model.adapter_key("blocks.1.mlp.fc1", "peft") == "transformer_blocks.1.ff.net.0.proj"
-    assert model.adapter_key("blocks.0.attn.qkv", "peft") is None  # fused here, three modules in diffusers
+    assert model.adapter_key("blocks.1.attn.proj", "original") == "blocks.1.attn.proj"
+    assert model.adapter_key("blocks.1.mlp.fc1", "diffusers") == "transformer_blocks.1.ff.net.0.proj"
+    assert model.adapter_key("blocks.0.attn.qkv", "diffusers") is None  # fused here, three modules in diffusers
 
 
 def test_bfloat16_and_export_layouts():

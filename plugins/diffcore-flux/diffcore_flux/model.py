@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from diffcore.errors import UserError
-from diffcore.model import DiffusionModel
+from diffcore.model import AdapterKey, DiffusionModel
 from diffcore.weights import load_into, save_safetensors
 from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig
+from diffcore_flux.network import FluxTransformer
 from diffcore_flux.packing import image_ids, pack, sequence_length, text_ids, unpack
 from diffcore_flux.text import FluxTextEncoders
-from diffcore_flux.network import FluxTransformer
 
 #: what kohya, ai-toolkit and diffusers' Flux LoRA recipes wrap: attention, MLP and modulation linears
 ADAPTER_TARGETS = [
@@ -50,6 +50,7 @@ class FluxModel(DiffusionModel):
             backbone, autoencoder=autoencoder, frozen=frozen, latent_channels=backbone.shape.in_channels // 4
         )
         self.config = config
+        self.base_model = str(config.pretrained or "")
         self.text = text
         self.kontext = config.kontext
         self.guidance_embedded = backbone.shape.guidance_embed
@@ -128,14 +129,18 @@ class FluxModel(DiffusionModel):
     def sequence_length(self, latents: torch.Tensor) -> int:
         return sequence_length(latents)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.backbone.gradient_checkpointing = enabled
+
+    def repeated_blocks(self) -> list[str]:
+        return ["double_blocks", "single_blocks"]
+
     # -- adapters and export ---------------------------------------------------------------------
-    def adapter_key(self, module_path: str, fmt: str) -> str | list[tuple[str, int]] | None:
-        """kohya: ``lora_unet_`` + BFL path; peft: the diffusers path, or for a fused module
-        (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) a list of (diffusers path, rows)."""
-        if fmt == "kohya":
-            return "lora_unet_" + module_path.replace(".", "_")
-        if fmt != "peft":
-            raise ValueError(f"unknown adapter format {fmt!r} (kohya or peft)")
+    def adapter_key(self, module_path: str, layout: str) -> AdapterKey:
+        """original: the BFL path (the backbone's own names); diffusers: the diffusers path, or for a
+        fused module (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) a list of (diffusers path, rows)."""
+        if layout == "original":
+            return module_path
         mapped = convert.diffusers_modules(module_path, self.backbone.shape.hidden_size)
         if mapped is None:
             return None

@@ -161,27 +161,27 @@ def test_adapter_names():
     model = diffcore.load_model("flux", **SIZES)
     dim, mlp = SIZES["hidden_size"], 4 * SIZES["hidden_size"]
     assert (
-        model.adapter_key("double_blocks.1.img_attn.qkv", "kohya") == "lora_unet_double_blocks_1_img_attn_qkv"
+        model.adapter_key("double_blocks.1.img_attn.qkv", "original") == "double_blocks.1.img_attn.qkv"
     )
-    assert model.adapter_key("double_blocks.1.img_attn.qkv", "peft") == [
+    assert model.adapter_key("double_blocks.1.img_attn.qkv", "diffusers") == [
         ("transformer_blocks.1.attn.to_q", dim),
         ("transformer_blocks.1.attn.to_k", dim),
         ("transformer_blocks.1.attn.to_v", dim),
     ]
-    assert model.adapter_key("double_blocks.0.txt_attn.qkv", "peft")[2] == (
+    assert model.adapter_key("double_blocks.0.txt_attn.qkv", "diffusers")[2] == (
         "transformer_blocks.0.attn.add_v_proj",
         dim,
     )
-    assert model.adapter_key("single_blocks.1.linear1", "peft") == [
+    assert model.adapter_key("single_blocks.1.linear1", "diffusers") == [
         ("single_transformer_blocks.1.attn.to_q", dim),
         ("single_transformer_blocks.1.attn.to_k", dim),
         ("single_transformer_blocks.1.attn.to_v", dim),
         ("single_transformer_blocks.1.proj_mlp", mlp),
     ]
-    assert model.adapter_key("single_blocks.0.linear2", "peft") == "single_transformer_blocks.0.proj_out"
-    assert model.adapter_key("double_blocks.0.img_mlp.2", "peft") == "transformer_blocks.0.ff.net.2"
+    assert model.adapter_key("single_blocks.0.linear2", "diffusers") == "single_transformer_blocks.0.proj_out"
+    assert model.adapter_key("double_blocks.0.img_mlp.2", "diffusers") == "transformer_blocks.0.ff.net.2"
     assert (
-        model.adapter_key("double_blocks.0.txt_mod.lin", "peft")
+        model.adapter_key("double_blocks.0.txt_mod.lin", "diffusers")
         == "transformer_blocks.0.norm1_context.linear"
     )
     import re

@@ -225,18 +225,14 @@ class NetworkAdapter:
             "diffcore.format": fmt,
             "diffcore.rank": str(cfg.rank),
             "diffcore.alpha": str(alpha),
-            "diffcore.architecture": str(
-                getattr(model, "architecture", None) or getattr(model, "name", None) or ""
-            ),
-            "diffcore.base_model": str(getattr(model, "pretrained", None) or ""),
+            "diffcore.architecture": model.architecture,
+            "diffcore.base_model": model.base_model,
             "diffcore.config": json.dumps(attrs.asdict(cfg), sort_keys=True),
             # kohya's training keys, which ComfyUI and sd-scripts tools show
             "ss_network_dim": str(cfg.rank),
             "ss_network_alpha": str(alpha),
             "ss_network_module": "networks.lora" if self.kind == "lora" else "lycoris.kohya",
         }
-        if not meta["diffcore.architecture"]:
-            meta["diffcore.architecture"] = type(model.backbone).__name__
         if fmt == "peft":
             meta.update(formats.peft_metadata(self.targets, self.branches))
         meta.update({str(k): str(v) for k, v in (extra or {}).items()})

@@ -1,8 +1,9 @@
 """Where a layer's adapter tensors live in a saved file: kohya names and PEFT/diffusers names.
 
-The model plugin names its backbone layers (``model.adapter_key(path, fmt)``): kohya
-"lora_unet_<original name with underscores>"; PEFT the diffusers module path, or for a fused layer a
-list of (diffusers path, rows) whose lora_B rows it owns. Text encoders use kohya "lora_<te>_" over HF
+The model plugin names its backbone layers in the published layouts (``model.adapter_key(path,
+layout)``); this plugin builds the file names on them: kohya "lora_unet_<original name with
+underscores>"; PEFT "<diffusers component>.<diffusers path>", or for a fused layer a list of
+(diffusers path, rows) whose lora_B rows it owns. Text encoders use kohya "lora_<te>_" over HF
 module names and diffusers "text_encoder[_N]." prefixes.
 """
 
@@ -14,9 +15,12 @@ from typing import Any
 import attrs
 from torch import nn
 
+from diffcore.model import DiffusionModel
 from diffcore_lora.layers import supports
 
 BACKBONE = "backbone"
+#: kohya's prefix for backbone layers, whatever the architecture (UNet or transformer)
+KOHYA_BACKBONE = "lora_unet_"
 # diffusers' component names for diffcore's frozen text-encoder names
 TEXT_ENCODER_PREFIX = {"te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3"}
 
@@ -48,23 +52,17 @@ def _rows(spec: Any, start: int) -> slice:
     return slice(start, start + int(spec))
 
 
-def peft_prefix(model: Any, override: str | None = None) -> str:
+def peft_prefix(model: DiffusionModel, override: str | None = None) -> str:
     """The diffusers component the backbone is saved under: "unet" or "transformer"."""
-    if override:
-        return override
-    for attr in ("peft_prefix", "diffusers_component"):
-        value = getattr(model, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return "unet" if "unet" in type(model.backbone).__name__.lower() else "transformer"
+    return override or model.diffusers_component
 
 
-def _backbone_names(model: Any, path: str, prefix: str) -> tuple[str | None, list[tuple[str, slice | None]]]:
-    keyer = getattr(model, "adapter_key", None)
-    if keyer is None:
-        return "lora_unet_" + path.replace(".", "_"), [(f"{prefix}.{path}", None)]
-    kohya = keyer(path, "kohya")
-    peft = keyer(path, "peft")
+def _backbone_names(
+    model: DiffusionModel, path: str, prefix: str
+) -> tuple[str | None, list[tuple[str, slice | None]]]:
+    original = model.adapter_key(path, "original")
+    kohya = None if original is None else KOHYA_BACKBONE + str(original).replace(".", "_")
+    peft = model.adapter_key(path, "diffusers")
     if peft is None:
         parts: list[tuple[str, slice | None]] = []
     elif isinstance(peft, str):
@@ -120,7 +118,7 @@ def _published_text_path(encoder: nn.Module, path: str) -> str:
 
 
 def components_of(model: Any, text_encoders: bool | list[str]) -> list[str]:
-    frozen = list(getattr(model, "frozen", {}) or {})
+    frozen = list(model.frozen)
     if text_encoders is True:
         tes = frozen
     elif text_encoders:

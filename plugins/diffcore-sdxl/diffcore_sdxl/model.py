@@ -24,8 +24,8 @@ from diffcore_sdxl.convert import (
     hf_to_openclip,
     unet_name_to_original,
 )
-from diffcore_sdxl.text import encode_windows, tokenize_windows, window_count
 from diffcore_sdxl.network import UNet
+from diffcore_sdxl.text import encode_windows, tokenize_windows, window_count
 
 _DEFAULT_SCHEDULER = {
     "type": "ddpm",
@@ -53,6 +53,7 @@ class SDModel(DiffusionModel):
     encoders (``te1``, and ``te2`` for SDXL)."""
 
     adapter_targets = _ADAPTER_TARGETS
+    diffusers_component = "unet"
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class SDModel(DiffusionModel):
             unet, autoencoder=autoencoder, frozen=text_encoders, latent_channels=unet.config.in_channels
         )
         self.config = config
+        self.base_model = str(config.pretrained or "")
         self.family = config.FAMILY
         self.prediction_type = config.prediction_type
         self.tokenizers = dict(tokenizers)
@@ -80,9 +82,6 @@ class SDModel(DiffusionModel):
     @property
     def latent_downscale(self) -> int:
         return self.autoencoder.downscale if self.autoencoder is not None else 8
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return dict(self.frozen)
 
     # -- conditioning --------------------------------------------------------------------------------
     def _encode(
@@ -167,12 +166,14 @@ class SDModel(DiffusionModel):
         )
 
     # -- adapters and layouts --------------------------------------------------------------------
-    def adapter_key(self, module_path: str, fmt: str) -> str | None:
-        """kohya: ``lora_unet_`` + the original (SGM) module name; peft: the diffusers path."""
-        if fmt != "kohya":
+    def adapter_key(self, module_path: str, layout: str) -> str | None:
+        """original: the SGM module name (kohya files build on it); diffusers: the module path."""
+        if layout != "original":
             return module_path
-        name = unet_name_to_original(module_path, self.unet_config)
-        return None if name is None else "lora_unet_" + name.replace(".", "_")
+        return unet_name_to_original(module_path, self.unet_config)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.backbone.gradient_checkpointing = enabled
 
     def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
         state = {k: v.detach() for k, v in self.backbone.state_dict().items()}

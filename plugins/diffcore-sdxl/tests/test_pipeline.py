@@ -167,11 +167,11 @@ def test_single_file_without_tokenizer_is_a_user_error(sdxl, tmp_path: Path) -> 
 def test_adapter_keys_name_original_modules(sdxl) -> None:
     _, model, _ = sdxl
     path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert model.adapter_key(path, "kohya") == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
-    assert model.adapter_key(path, "peft") == path
+    assert model.adapter_key(path, "original") == "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert model.adapter_key(path, "diffusers") == path
     assert (
-        model.adapter_key("up_blocks.0.attentions.2.proj_out", "kohya")
-        == "lora_unet_output_blocks_2_1_proj_out"
+        model.adapter_key("up_blocks.0.attentions.2.proj_out", "original")
+        == "output_blocks.2.1.proj_out"
     )
     import re
 
