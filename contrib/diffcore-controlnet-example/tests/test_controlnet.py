@@ -118,9 +118,18 @@ def test_diffcore_validate_reports_a_model_that_takes_no_residual(tmp_path):
     assert "$.model.type" in out.stderr and "'plain-tiny' takes none" in out.stderr
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_trains_the_side_network_under_zero(tmp_path, zero_stage):
-    run = train(tmp_path / "out", job(deepspeed={"zero_stage": zero_stage}))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"deepspeed": {"zero_stage": 0}},
+        {"deepspeed": {"zero_stage": 2}},
+        {"deepspeed": {"zero_stage": 3}},
+        {"deepspeed": {"zero_stage": 2}, "mixed_precision": "bf16"},
+    ],
+    ids=["zero0", "zero2", "zero3", "zero2-bf16"],
+)
+def test_trains_the_side_network_under_zero(tmp_path, options):
+    run = train(tmp_path / "out", job(**options))
     assert [row["step"] for row in run.metrics] == [1, 2]
     assert all(torch.isfinite(torch.tensor(loss)) for loss in run.losses)
     start, one, two = initial(run), run.weights("controlnet", "step-1"), run.weights("controlnet")
