@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,12 +24,12 @@ def outline(pixels: torch.Tensor) -> torch.Tensor:
 class ControlShapes:
     """Map-style dataset of ``{"pixels", "labels", "captions", "control"}``."""
 
-    def __init__(self, config: ControlShapesConfig):
-        self.shapes = diffcore.build_component(
-            "dataset",
-            "synthetic",
-            {"resolution": config.resolution, "size": config.size, "classes": config.classes, "seed": config.seed},
-        )
+    def __init__(self, config: ControlShapesConfig, build: Callable[[dict[str, Any], str], Any] | None = None):
+        shapes = {"resolution": config.resolution, "size": config.size, "classes": config.classes, "seed": config.seed}
+        if build is not None:  # the kernel hands dataset factories a builder for nested sections
+            self.shapes = build({"type": "synthetic", **shapes}, "$.data")
+        else:
+            self.shapes = diffcore.build_component("dataset", "synthetic", shapes)
 
     def __len__(self) -> int:
         return len(self.shapes)

@@ -54,10 +54,10 @@ def _method(config: SideNetConfig):
     return SideNetMethod(config)
 
 
-def _dataset(config: ControlShapesConfig, where: str = "$.data"):
+def _dataset(config: ControlShapesConfig, build=None):
     from diffcore_controlnet_example.data import ControlShapes
 
-    return ControlShapes(config)
+    return ControlShapes(config, build)
 
 
 @diffcore.hookimpl

@@ -107,9 +107,6 @@ def test_validate_names_a_model_that_takes_no_residual(tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="kernel: `diffcore validate` (cli.cmd_validate) does not call method.validate(job) yet"
-)
 def test_diffcore_validate_reports_a_model_that_takes_no_residual(tmp_path):
     bad = {**job(), "model": {"type": "plain-tiny"}, "output_dir": str(tmp_path / "out")}
     (tmp_path / "bad.yaml").write_text(json.dumps(bad))  # JSON is YAML
