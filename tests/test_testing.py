@@ -90,7 +90,7 @@ def test_run_job_in_process_with_an_in_process_plugin(tmp_path):
     final = run.weights("model")
     assert final.keys() == run.weights("model", "step-2").keys()
     assert run.job_file.is_file() and "testing-tiny" in run.job_file.read_text()
-    # resuming with nothing left to do keeps the run where it was
+    # --resume with a --set override continues the same output to step 3
     again = run_job(JOB, tmp_path / "out", plugins=[testing_plugin], resume=True, overrides=["train.steps=3"])
     assert [row["step"] for row in again.metrics] == [1, 2, 3]
 
