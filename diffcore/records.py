@@ -41,7 +41,12 @@ class ComponentSpec(Record):
 
 @attrs.frozen(kw_only=True)
 class ModelSpec(ComponentSpec):
-    """A model architecture. ``factory(config) -> Model`` (see :mod:`diffcore.protocols`)."""
+    """A model architecture. ``factory(config) -> DiffusionModel`` (see :mod:`diffcore.model`).
+
+    ``cache_aware``: the config has a ``load_encoders: bool`` field, and the kernel sets it false
+    when the job's latent/text cache holds everything the encoders would compute."""
+
+    cache_aware: bool = False
 
 
 @attrs.frozen(kw_only=True)

@@ -30,7 +30,7 @@ import pluggy
 from diffcore import hookspecs
 from diffcore.errors import PluginError, UserError
 from diffcore.kinds import KINDS, Kind
-from diffcore.records import ComponentSpec, Record
+from diffcore.records import ComponentSpec, ModelSpec, Record
 from diffcore.version import PLUGIN_API, __version__
 
 GROUP = "diffcore.plugins"
@@ -288,9 +288,9 @@ class Registry:
             return None
         if any(d.distribution == dist for d in self.disabled):
             return f"it is provided by {dist}, which is installed but disabled by {ENV_DISABLE}"
-        failed = [f for f in self.failed if f.distribution == dist]
-        if failed:
-            return f"it is provided by {dist}, which is installed but failed to load: {failed[0].error}"
+        broken = [f for f in self.failed if f.distribution == dist]
+        if broken:
+            return f"it is provided by {dist}, which is installed but failed to load: {broken[0].error}"
         return f"it is provided by {dist}: pip install {dist}"
 
     def versions(self) -> dict[str, str]:
@@ -338,6 +338,8 @@ def _check(record: Any, kind: Kind) -> str | None:
             f"the {_words(kind)} {record.name!r} has config {record.config!r}, which is not an attrs class "
             "(declare it with @attrs.define)"
         )
+    if isinstance(record, ModelSpec) and record.cache_aware and "load_encoders" not in attrs.fields_dict(record.config):
+        return f"the model {record.name!r} is cache_aware but its config has no load_encoders field"
     return None
 
 

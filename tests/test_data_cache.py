@@ -16,6 +16,7 @@ from diffcore.api import build_component
 from diffcore.data.cache import FeatureCache
 from diffcore.data.sampler import EpochIndex
 from diffcore.errors import UserError
+from diffcore.model import DiffusionModel
 
 
 def draw_image(path: Path, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:
@@ -25,12 +26,13 @@ def draw_image(path: Path, width: int, height: int, seed: int = 0, fmt: str = "P
     return path
 
 
-class StandIn:
+class StandIn(DiffusionModel):
     """A model with an 8x conv 'autoencoder' and a deterministic 'text encoder' that count their calls."""
 
     def __init__(self, seed: int = 0):
         torch.manual_seed(seed)
         self.conv = torch.nn.Conv2d(3, 4, 8, stride=8)
+        super().__init__(self.conv, latent_channels=4)
         self.images = 0
         self.texts = 0
 

@@ -13,6 +13,7 @@ import torch
 from diffcore.diffusion import objectives
 from diffcore.diffusion.config import DDPMConfig, FlowConfig
 from diffcore.diffusion.scheduler import DDPMScheduler, FlowScheduler
+from diffcore.model import DiffusionModel
 from diffcore.sampling import generate
 
 WEIGHTS = torch.tensor([0.3, 0.7], dtype=torch.float64)
@@ -29,16 +30,16 @@ def true_moments() -> tuple[torch.Tensor, torch.Tensor]:
     return mean, second - torch.outer(mean, mean)
 
 
-class MixtureModel:
-    """The exact denoiser of the mixture (optionally of one component: labels >= 0), as a Model."""
+class MixtureModel(DiffusionModel):
+    """The exact denoiser of the mixture (optionally of one component: labels >= 0), as a model."""
 
     latent_channels = 2
     latent_downscale = 1
 
     def __init__(self, scheduler, prediction_type: str):
+        super().__init__(torch.nn.Linear(1, 1))
         self.scheduler = scheduler
         self.prediction_type = prediction_type
-        self.backbone = torch.nn.Linear(1, 1)
         self.calls = 0
 
     def encode_conditions(self, batch):

@@ -14,26 +14,29 @@ import diffcore
 from diffcore.cli import main
 from diffcore.diffusion.config import FlowConfig
 from diffcore.diffusion.scheduler import DDPMScheduler, FlowScheduler
+from diffcore.model import DiffusionModel
 from diffcore.sampling import generate, image_grid, save_png, to_pil
 from diffcore.weights import save_safetensors
 
 from .jobs import tiny_job
 
 
-class LinearModel:
-    """A Model-protocol toy: output = a x + b label + c t, recording what predict receives."""
+class LinearModel(DiffusionModel):
+    """A model-contract toy: output = a x + b label + c t, recording what predict receives."""
 
     latent_channels = 3
     latent_downscale = 2
 
     def __init__(self, prediction_type="eps", guidance_embedded=False, seq_len=None):
-        self.backbone = torch.nn.Conv2d(3, 3, 1)
+        super().__init__(torch.nn.Conv2d(3, 3, 1))
         self.prediction_type = prediction_type
         self.guidance_embedded = guidance_embedded
         self.seen: list[dict] = []
         self.null_calls = 0
-        if seq_len is not None:
-            self.sequence_length = lambda latents: seq_len
+        self.seq_len = seq_len
+
+    def sequence_length(self, latents):
+        return super().sequence_length(latents) if self.seq_len is None else self.seq_len
 
     def encode_conditions(self, batch):
         return torch.as_tensor(batch["labels"]).float()

@@ -14,5 +14,13 @@ def validate_command(args: argparse.Namespace) -> int:
     from diffcore.config.job import load_job
 
     job = load_job(args.job, args.overrides)
+    # cross-section problems only the method can judge (a model that takes no residuals...)
+    from diffcore.api import build_component
+    from diffcore.errors import ConfigError
+
+    method = build_component("method", job.method.type, job.method.config)
+    problems = method.validate(job)
+    if problems:
+        raise ConfigError(problems, source=job.source)
     print(f"{args.job}: ok (model {job.model.type}, data {job.data.type}, {job.train.steps} steps)")
     return 0

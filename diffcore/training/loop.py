@@ -89,7 +89,7 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     dataset = build_component("dataset", job.data.type, job.data.config)
     cache = _open_cache(job, dataset)
     model_config = job.model.config
-    if cache is not None and cache.complete and hasattr(model_config, "load_encoders"):
+    if cache is not None and cache.complete and get_registry().get("model", job.model.type).spec.cache_aware:
         # everything the encoders would compute is on disk: do not load them at all
         model_config = attrs.evolve(model_config, load_encoders=False)
     model = build_component("model", job.model.type, model_config)

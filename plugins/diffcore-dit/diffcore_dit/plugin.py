@@ -16,6 +16,7 @@ def _build(config: DiTConfig):
 def diffcore_register_models():
     return [
         diffcore.ModelSpec(
+            cache_aware=True,
             name="dit",
             config=DiTConfig,
             factory=_build,

@@ -16,6 +16,7 @@ def _build(config: FluxConfig):
 def diffcore_register_models():
     return [
         diffcore.ModelSpec(
+            cache_aware=True,
             name="flux",
             config=FluxConfig,
             factory=_build,

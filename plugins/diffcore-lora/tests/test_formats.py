@@ -23,7 +23,9 @@ CONFIGS = {"lora": LoraConfig, "dora": DoraConfig, "lokr": LokrConfig, "loha": L
 
 def _model(seed: int = 0) -> TinyModel:
     torch.manual_seed(seed)
-    return TinyModel(TinyNet(), frozen={"te1": TinyTextEncoder()}, latent_channels=4)
+    model = TinyModel(TinyNet(), frozen={"te1": TinyTextEncoder()}, latent_channels=4)
+    model.architecture = "tiny"  # what the kernel sets to the registered name when it builds a model
+    return model
 
 
 def _trained(kind: str, seed: int = 0, **options) -> tuple[TinyModel, NetworkAdapter]:
@@ -68,7 +70,7 @@ def test_kohya_keys_alpha_and_metadata(tmp_path):
     assert meta["diffcore.adapter"] == "lora"
     assert meta["diffcore.rank"] == "4" and meta["diffcore.alpha"] == "2.0"
     assert meta["diffcore.format"] == "kohya"
-    assert meta["diffcore.architecture"] == "TinyNet"
+    assert meta["diffcore.architecture"] == "tiny"
     assert meta["diffcore.base_model"] == "tiny/base"
 
 

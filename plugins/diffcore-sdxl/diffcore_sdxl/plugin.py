@@ -18,15 +18,18 @@ def _build(config: Any) -> Any:
 def diffcore_register_models() -> list[diffcore.ModelSpec]:
     return [
         diffcore.ModelSpec(
+            cache_aware=True,
             name="sdxl",
             config=SDXLConfig,
             factory=_build,
             description="Stable Diffusion XL base (UNet, CLIP-L + OpenCLIP-bigG, size/crop conditioning)",
         ),
         diffcore.ModelSpec(
+            cache_aware=True,
             name="sd15", config=SD15Config, factory=_build, description="Stable Diffusion 1.x (UNet, CLIP-L)"
         ),
         diffcore.ModelSpec(
+            cache_aware=True,
             name="sd21",
             config=SD21Config,
             factory=_build,
