@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from sdxl_tiny import write_tokenizer_files
 
 import diffcore
+from diffcore.testing import assert_entry_points_light
 
 SD21_UNET = {
     "block_out_channels": [32, 64],
@@ -29,6 +30,11 @@ SD21_TEXT = {
 
 
 def test_entry_point_imports_no_torch() -> None:
+    assert assert_entry_points_light("diffcore-sdxl") == ["diffcore_sdxl.plugin"]
+
+
+def test_registering_the_models_imports_no_torch() -> None:
+    # calling the hook (not only importing the module) stays light too: the factories import lazily
     code = "import sys, diffcore_sdxl.plugin as p; p.diffcore_register_models(); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
