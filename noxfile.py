@@ -15,6 +15,8 @@ nox.options.default_venv_backend = "venv"
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
+# Pinned so a new release's rules or inference cannot fail CI on unchanged code.
+CHECKERS = ["ruff==0.17.6", "mypy==2.4.1"]
 
 
 def packages() -> list[str]:
@@ -32,15 +34,21 @@ def install(session: nox.Session, extras: str = "", only: list[str] | None = Non
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The kernel's and every plugin's tests (slow ones included; `-- -m "not slow"` to skip them)."""
+    """Style and types (ruff over the repo, mypy over diffcore/), then the kernel's and every plugin's
+    tests (slow ones included; `-- -m "not slow"` to skip them)."""
     install(session, "[test]")
+    session.install(*CHECKERS)
+    session.run("ruff", "check", ".")
+    # mypy type-checks against the installed torch and transformers, so it runs in this session
+    session.run("mypy")
     targets = ["tests"] + [f"{p}/tests" for p in packages() if (ROOT / p / "tests").is_dir()]
     session.run("pytest", "-q", *targets, *session.posargs, env={"DS_ACCELERATOR": "cpu"})
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    """ruff alone: no torch to install (the tests session also runs mypy)."""
+    session.install(CHECKERS[0])
     session.run("ruff", "check", ".")
 
 

@@ -93,6 +93,7 @@ def locate(path: str | Path, component: str = "transformer", *, what: str = "a c
         raise UserError("no such file or folder", where=str(given), hint=f"give {what}: {expected}")
     if given.is_file():
         return Located("file", component, given, None, None)
+    kind: Kind
     folder, pipeline, kind = given, None, "component"
     has_index = (given / "model_index.json").is_file()
     if (given / component).is_dir() and (has_index or not (given / "config.json").is_file()):

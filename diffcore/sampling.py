@@ -99,7 +99,7 @@ def generate(
         def denoise(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             t = torch.full((n,), float(schedule.timesteps[i]), device=device, dtype=torch.float32)
             out = predict(x, t, cond, batch, **extra).float()
-            if use_cfg:
+            if use_cfg and guidance is not None:  # use_cfg implies a guidance; this says so to the checker
                 out_u = predict(x, t, uncond, null_batch, **extra).float()
                 out = classifier_free_guidance(out, out_u, guidance, guidance_rescale)
             alpha, sigma = float(schedule.alphas[i]), float(schedule.sigmas[i])

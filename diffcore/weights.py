@@ -118,7 +118,7 @@ def load_into(
     unexpected keys and wrong shapes raise one :class:`UserError` naming the first few.
     Floating tensors are cast to ``dtype`` when given, else to the parameter's dtype.
     """
-    own = dict(module.named_parameters())
+    own: dict[str, torch.Tensor] = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
     seen: set[str] = set()
     unexpected: list[str] = []

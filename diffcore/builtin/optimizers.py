@@ -27,7 +27,7 @@ def _adamw(params, config: AdamWConfig, lr: float):
     import torch
 
     return torch.optim.AdamW(
-        params, lr=lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay, fused=config.fused
+        params, lr=lr, betas=(config.betas[0], config.betas[1]), eps=config.eps, weight_decay=config.weight_decay, fused=config.fused
     )
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from diffcore.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class CheckpointCallback(Callback):
@@ -34,7 +37,7 @@ class CheckpointCallback(Callback):
 
 class MetricsCallback(Callback):
     def __init__(self, config: Any):
-        self.file = None
+        self.file: IO[str] | None = None
 
     def on_train_start(self, ctx: Any) -> None:
         if ctx.is_main:
@@ -92,7 +95,7 @@ class ProgressCallback(Callback):
 class TensorBoardCallback(Callback):
     def __init__(self, config: Any):
         self.config = config
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def on_train_start(self, ctx: Any) -> None:
         if not ctx.is_main:
@@ -167,6 +170,7 @@ class SampleCallback(Callback):
             width=width,
             steps=self.config.steps,
             sampler=self.config.sampler,
+            sampler_options=self.config.sampler_options,
             guidance=self.config.guidance,
             seed=self.config.seed,
         )
@@ -230,6 +234,7 @@ class ClassAgreementCallback(Callback):
             width=size,
             steps=self.config.steps,
             sampler=self.config.sampler,
+            sampler_options=self.config.sampler_options,
             guidance=self.config.guidance,
             seed=self.config.seed,
         )

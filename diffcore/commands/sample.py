@@ -324,6 +324,7 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
     modules: dict[str, Any] = {}
     if job is not None:
         method = build_component("method", job.method.type, job.method.config)
+        assert output_dir is not None  # set wherever the job is
         folder = _weights_dir(output_dir, args.checkpoint)
         if (folder / "adapter.safetensors").is_file():
             if job.adapter is None:

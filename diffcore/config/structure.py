@@ -125,10 +125,10 @@ def problems_of(exc: BaseException, path: str, cls: Any = None) -> list[Problem]
         for sub in without:
             out.extend(problems_of(sub, path, exc.cl))
     elif isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            out.extend(problems_of(sub, f"{path}[{note.index}]", note.type))
-        for sub in without:
+        indexed, unindexed = exc.group_exceptions()
+        for sub, item in indexed:
+            out.extend(problems_of(sub, f"{path}[{item.index}]", item.type))
+        for sub in unindexed:
             out.extend(problems_of(sub, path))
     elif isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []

@@ -214,6 +214,7 @@ class ImageDataset:
         if "captions" in self.fields:
             out["captions"] = choice.caption or ""
         if "labels" in self.fields:
+            assert record.label is not None  # a field only when every record has a label
             out["labels"] = int(record.label)
         if "mask" in self.fields:
             if record.mask is None:

@@ -272,7 +272,11 @@ def run(
     denoise: Denoiser,
     noise: torch.Tensor,
     schedule: SamplingSchedule,
-    **options: object,
+    *,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Start from ``noise`` scaled to the schedule's first level and sample (see :func:`sample`)."""
-    return sample(sampler, denoise, noise.to(torch.float32) * schedule.init_noise_scale, schedule, **options)
+    x = noise.to(torch.float32) * schedule.init_noise_scale
+    return sample(sampler, denoise, x, schedule, generator=generator, eta=eta, callback=callback)

@@ -7,8 +7,12 @@ define them; everything downstream is float64 so sampler coefficients lose nothi
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
+
+# A schedule value: one float or a tensor of them; shifts return the same kind they are given.
+S = TypeVar("S", torch.Tensor, float)
 
 # Euler-type samplers divide by alpha; a zero-terminal-SNR schedule gets this floor for sampling only.
 ZERO_SNR_FLOOR = 2.0**-24
@@ -103,7 +107,7 @@ def discrete_timesteps(
 
 
 # -- rectified flow -------------------------------------------------------------------------------
-def fixed_shift(s: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+def fixed_shift(s: S, shift: float) -> S:
     """SD3's shift: s' = k s / (1 + (k - 1) s); k = 1 is the identity, k > 1 spends more time at high noise."""
     return shift * s / (1 + (shift - 1) * s)
 

@@ -7,7 +7,7 @@ diffusers folders) or in the OpenCLIP layout (SDXL's and SD2's single files), de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from diffcore.text_encoders.encoder import Encoded, TextEncoder
 from diffcore.text_encoders.openclip import is_openclip, openclip_layers, openclip_to_hf
 from diffcore.text_encoders.sources import Source
 from diffcore.weights import empty_weights, load_into
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 # Token ids of the published configs: eos 2 selects transformers' legacy pooling at the highest id
 # (the end-of-text token), which is what every Stable Diffusion checkpoint was trained with.
@@ -191,6 +194,7 @@ class ClipEncoder(TextEncoder):
     (``pooler_output``) end-of-text state."""
 
     config: ClipConfig
+    model: CLIPTextModel | CLIPTextModelWithProjection
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         length = min(self.config.max_length, self.model.config.max_position_embeddings)

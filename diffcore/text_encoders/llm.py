@@ -98,7 +98,7 @@ def llm_config(family: str, config: LLMConfig, source: Source | None = None) -> 
 
 def _fresh_rotary(model: nn.Module) -> nn.Module:
     # inv_freq is a non-persistent buffer computed at construction: rebuild it off the meta device
-    model.rotary_emb = type(model.rotary_emb)(config=model.config)
+    model.rotary_emb = type(model.get_submodule("rotary_emb"))(config=model.config)
     return model
 
 

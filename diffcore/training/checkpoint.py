@@ -70,6 +70,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"cuda{i}"] = s
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form: the global generator is always MT19937
     state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     state["numpy_meta"] = torch.tensor([np_state[2], np_state[3], np_state[4]], dtype=torch.float64)
     py = random.getstate()

@@ -44,7 +44,7 @@ class TrainedModules(nn.Module):
 def parameter_names(container: TrainedModules, params: list[nn.Parameter]) -> list[str]:
     """Stable names of ``params``: the backbone's own names, ``<component>.<name>`` for other model
     modules and ``method.<module>.<name>`` for the method's modules."""
-    by_id = {}
+    by_id: dict[int, str] = {}
     for name, p in container.named_parameters(remove_duplicate=False):
         if name.startswith("model.backbone."):
             name = name[len("model.backbone.") :]
