@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import diffcore
 from diffcore.errors import UserError
+from diffcore.testing import assert_outputs_close
 
 CONFIGS = {
     # learned sigma, patch 2, diffusers' default norm eps
@@ -84,8 +85,7 @@ def assert_same(ours, theirs, name: str) -> None:
     with torch.no_grad():
         expected = theirs(x, timestep=t, class_labels=y).sample
         got = ours.backbone(x, t, y)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < 1e-5
+    assert_outputs_close(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -146,8 +146,8 @@ def test_predict_returns_prediction_channels_and_uses_model_time(tmp_path):
         out = eps.predict(x, t, eps.encode_conditions({"labels": y.tolist()}))
         flow_out = flow.predict(x, t / 1000, flow.encode_conditions({"labels": y}))
     assert out.shape == x.shape
-    assert (out - full[:, :4]).abs().max() < 1e-5
-    assert (flow_out - full[:, :4]).abs().max() < 1e-4
+    assert_outputs_close(out, full[:, :4], atol=1e-5)
+    assert_outputs_close(flow_out, full[:, :4], atol=1e-4)
     assert eps.default_scheduler["type"] == "ddpm" and flow.default_scheduler == {"type": "flow"}
 
 

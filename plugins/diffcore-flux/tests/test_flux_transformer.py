@@ -9,6 +9,7 @@ from diffcore_flux.packing import image_ids, pack, text_ids, unpack
 
 import diffcore
 from diffcore.errors import UserError
+from diffcore.testing import assert_outputs_close
 from diffcore.weights import Checkpoint
 
 VARIANTS = [("dev", True), ("schnell", False)]
@@ -55,12 +56,12 @@ def test_parity_through_both_layouts(tmp_path, variant, guidance):
     expected = _reference_out(ref, x)
 
     model = diffcore.load_model("flux", pretrained=tmp_path / "diffusers", variant=variant, axes_dim=AXES)
-    assert (_our_out(model, x) - expected).abs().max() < 1e-4
+    assert_outputs_close(_our_out(model, x), expected, atol=1e-4)
 
     file = model.save_pretrained(tmp_path / "bfl.safetensors", layout="original")
     from_original = diffcore.load_model("flux", pretrained=file, variant=variant, axes_dim=AXES)
     assert from_original.backbone.shape == model.backbone.shape
-    assert (_our_out(from_original, x) - expected).abs().max() < 1e-4
+    assert_outputs_close(_our_out(from_original, x), expected, atol=1e-4)
 
     # Saving in the diffusers layout gives back diffusers' own tensors, key for key.
     folder = from_original.save_pretrained(tmp_path / "resaved", layout="diffusers")
@@ -71,7 +72,7 @@ def test_parity_through_both_layouts(tmp_path, variant, guidance):
     from diffusers import FluxTransformer2DModel
 
     reloaded = FluxTransformer2DModel.from_pretrained(folder).eval()
-    assert (_reference_out(reloaded, x) - expected).abs().max() < 1e-6
+    assert_outputs_close(_reference_out(reloaded, x), expected, atol=1e-6)
 
     # A single file with diffusers key names (bare or under "transformer.") loads as well.
     prefixed = {"transformer." + k: v for k, v in reference.items()}
@@ -79,7 +80,7 @@ def test_parity_through_both_layouts(tmp_path, variant, guidance):
     single = diffcore.load_model(
         "flux", pretrained=tmp_path / "diffusers_keys.safetensors", variant=variant, axes_dim=AXES
     )
-    assert (_our_out(single, x) - expected).abs().max() < 1e-4
+    assert_outputs_close(_our_out(single, x), expected, atol=1e-4)
 
 
 def test_original_layout_uses_bfl_names(tmp_path):
