@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from diffcore.records import CallbackSpec
@@ -40,6 +42,8 @@ class SampleConfig:
     guidance: float = 4.0
     height: int | None = None
     width: int | None = None
+    #: the sampler's own options (``clip_x0``, ``dynamic_threshold``...), as ``--sampler-option`` gives
+    sampler_options: dict[str, Any] = attrs.Factory(dict)
     seed: int = 0
     at_end: bool = True
     #: the method's extra inference inputs by batch key, e.g. ``{control: edges.png}``
@@ -54,6 +58,7 @@ class ClassAgreementConfig:
     per_class: int = 16
     steps: int = 30
     sampler: str = "euler"
+    sampler_options: dict[str, Any] = attrs.Factory(dict)
     guidance: float = 3.0
     seed: int = 1234
 
