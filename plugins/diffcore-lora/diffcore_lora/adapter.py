@@ -55,7 +55,7 @@ class NetworkAdapter:
         """Inject into ``model``'s matching layers, freeze everything else, return the adapter parameters."""
         cfg = self.config
         patterns = (
-            cfg.targets if cfg.targets is not None else list(getattr(model, "adapter_targets", []) or [])
+            cfg.targets if cfg.targets is not None else list(model.adapter_targets)
         )
         if not patterns:
             raise UserError(
@@ -67,12 +67,12 @@ class NetworkAdapter:
         te_re = _compile(cfg.text_encoder_targets, "$.adapter.text_encoder_targets")
         exclude_re = _compile(cfg.exclude, "$.adapter.exclude")
         components = components_of(model, cfg.text_encoders)
-        missing = [c for c in components if c != BACKBONE and c not in getattr(model, "frozen", {})]
+        missing = [c for c in components if c != BACKBONE and c not in model.frozen]
         if missing:
             raise UserError(
                 f"the model has no text encoder named {missing[0]!r}",
                 where="$.adapter.text_encoders",
-                hint="known: " + (", ".join(getattr(model, "frozen", {})) or "none"),
+                hint="known: " + (", ".join(model.frozen) or "none"),
             )
         chosen = []
         for target in candidates(model, components, peft_override=cfg.peft_prefix):
@@ -91,7 +91,7 @@ class NetworkAdapter:
                 hint=f"layer names look like: {', '.join(names)}",
             )
         model.backbone.requires_grad_(False)
-        for module in getattr(model, "frozen", {}).values():
+        for module in model.frozen.values():
             module.requires_grad_(False)
         self.model = model
         self.name = _free_name(self.name, [t.layer for t in chosen])

@@ -78,4 +78,6 @@ def test_sd21_v_prediction_and_single_file_text_layers(tmp_path: Path) -> None:
         assert again.frozen["te1"].config.num_hidden_layers == 2
         with torch.no_grad():
             got = again.predict(latents, t, again.encode_conditions({"captions": ["a cat"]}))
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # same weights, so only fp32 summation order may differ: an earlier test in the same process
+        # can leave torch with another thread count, which moves a few elements by ~3 ulp
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
