@@ -193,18 +193,13 @@ def _default_size(ctx: Any) -> int:
 
 
 def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
-    """Generate with the training model in eval mode, whole (ZeRO-3 gathered), with the EMA weights
-    when there is an EMA, through the method's ``predict`` (its extra inputs included)."""
+    """Generate with the training model whole (ZeRO-3 gathered), with the EMA weights when there is
+    an EMA, through the method's ``predict`` (its extra inputs included); ``generate`` puts the
+    backbone in eval mode and back."""
     import torch
 
-    backbone = ctx.model.backbone
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with ctx.evaluating(), torch.no_grad():
-            return generate(ctx.model, ctx.scheduler, method=ctx.method, **kwargs)
-    finally:
-        backbone.train(was_training)
+    with ctx.evaluating(), torch.no_grad():
+        return generate(ctx.model, ctx.scheduler, method=ctx.method, **kwargs)
 
 
 class ClassAgreementCallback(Callback):

@@ -326,16 +326,17 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
         method = build_component("method", job.method.type, job.method.config)
         assert output_dir is not None  # set wherever the job is
         folder = _weights_dir(output_dir, args.checkpoint)
-        if (folder / "adapter.safetensors").is_file():
+        adapter_file = folder / "adapter.safetensors"
+        if adapter_file.is_file():
             if job.adapter is None:
                 raise UserError(
                     "the weights are an adapter but the job has no adapter section", where=str(folder)
                 )
             adapter = build_component("adapter", job.adapter.type, job.adapter.config)
             adapter.attach(model)
-            adapter.load(folder / "adapter.safetensors")
+            adapter.load(adapter_file)
         modules = method.modules(model)
-        if not (folder / "adapter.safetensors").is_file() and not (folder / "model.safetensors").is_file() and not modules:
+        if not adapter_file.is_file() and not (folder / "model.safetensors").is_file() and not modules:
             raise UserError("neither model.safetensors nor adapter.safetensors here", where=str(folder))
         _load_weights(model, modules, folder)
     for spec in args.adapters:

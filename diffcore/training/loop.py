@@ -124,13 +124,12 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     ctx.method_modules = dict(method.modules(model))
     for module in ctx.method_modules.values():
         module.to(dist.device).train()
-    trainable = _unique([p for p in method.setup(ctx) if p.requires_grad])
-    trainable = _unique(trainable + [p for m in ctx.method_modules.values() for p in m.parameters() if p.requires_grad])
+    module_params = [p for m in ctx.method_modules.values() for p in m.parameters()]
+    trainable = _unique([p for p in [*method.setup(ctx), *module_params] if p.requires_grad])
     if not trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
     ctx.trainable = trainable
     container = TrainedModules(model, ctx.method_modules)
-    container.check_holds(trainable)
     names = parameter_names(container, trainable)
 
     opt_section = job.optimizer or Section(type="adamw", config=component_config("optimizer", "adamw", {}))

@@ -26,24 +26,15 @@ class TrainedModules(nn.Module):
         self.model = nn.ModuleDict(parts)
         self.method = nn.ModuleDict(dict(method_modules))
 
-    def check_holds(self, params: list[nn.Parameter]) -> None:
-        """Every trained parameter must sit in one of the modules DeepSpeed wraps, or it would be
-        neither clipped, averaged, partitioned nor checkpointed."""
-        held = {id(p) for p in self.parameters()}
-        outside = sum(id(p) not in held for p in params)
-        if outside:
-            raise TypeError(
-                f"{outside} trainable parameters are in no module the kernel wraps: a method must train "
-                "parameters of model.trainable_modules() or of the modules it returns from modules()"
-            )
-
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         raise TypeError("TrainedModules only groups parameters; methods call the model and their modules")
 
 
 def parameter_names(container: TrainedModules, params: list[nn.Parameter]) -> list[str]:
     """Stable names of ``params``: the backbone's own names, ``<component>.<name>`` for other model
-    modules and ``method.<module>.<name>`` for the method's modules."""
+    modules and ``method.<module>.<name>`` for the method's modules. Every trained parameter must sit
+    in one of the modules DeepSpeed wraps, or it would be neither clipped, averaged, partitioned nor
+    checkpointed: one outside is refused."""
     by_id: dict[int, str] = {}
     for name, p in container.named_parameters(remove_duplicate=False):
         if name.startswith("model.backbone."):
@@ -51,4 +42,10 @@ def parameter_names(container: TrainedModules, params: list[nn.Parameter]) -> li
         elif name.startswith("model."):
             name = name[len("model.") :]
         by_id.setdefault(id(p), name)
-    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    outside = sum(id(p) not in by_id for p in params)
+    if outside:
+        raise TypeError(
+            f"{outside} trainable parameters are in no module the kernel wraps: a method must train "
+            "parameters of model.trainable_modules() or of the modules it returns from modules()"
+        )
+    return [by_id[id(p)] for p in params]
