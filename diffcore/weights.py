@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -179,6 +180,29 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header's ``__metadata__`` in sorted key order, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so the
+    same tensors and metadata would give files that differ in their header bytes alone. Sorting makes
+    a resumed run's files byte-identical to a straight run's. The rewritten header has the same
+    length (only the order of its entries changes), so the tensor data is not moved.
+    """
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never the case for a reordering; keep the library's header then
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -190,6 +214,7 @@ def save_safetensors(
     os.close(fd)
     try:
         save_file(clean, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        _sort_metadata(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -60,6 +60,8 @@ def test_resume_continues_exactly(tmp_path):
     train(tiny_job(split, train={"steps": 3, "checkpoint_every": 3}))
     train(tiny_job(split, train={"steps": 6, "checkpoint_every": 3}), resume=True)
     assert_same(weights(straight / "final/model.safetensors"), weights(split / "final/model.safetensors"))
+    # byte for byte, headers included (metadata is written in sorted key order)
+    assert (straight / "final/model.safetensors").read_bytes() == (split / "final/model.safetensors").read_bytes()
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
