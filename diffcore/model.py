@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from diffcore.control import ControlTrunk
 from diffcore.errors import UserError
 from diffcore.weights import load_into
 
@@ -161,6 +162,17 @@ class DiffusionModel:
             f"{type(self.backbone).__name__} has no activation checkpointing",
             where="$.train.gradient_checkpointing",
             hint="set it to false for this model",
+        )
+
+    def control_trunk(self, options: Mapping[str, Any]) -> ControlTrunk:
+        """A trainable copy of the front of the backbone that a ControlNet runs (see
+        :mod:`diffcore.control`); ``predict`` then takes the residuals it names. ``options`` are the
+        published ControlNet config's keys (e.g. Flux's ``num_layers``), from a saved config.json or
+        the method's section. The default: this model takes no ControlNet residuals."""
+        raise UserError(
+            f"{type(self).__name__} takes no ControlNet residuals",
+            where="$.model.type",
+            hint="use a model whose plugin supports ControlNet (sd15, sd21, sdxl, flux)",
         )
 
     # -- adapters and export ---------------------------------------------------------------------
