@@ -177,7 +177,78 @@ class MidBlock(nn.Module):
         )
 
 
-class UNet(nn.Module):
+class Encoder:
+    """The down half of the UNet (time embedding, down levels, mid block), shared by :class:`UNet` and
+    the ControlNet trunk that copies it; both hold ``config``, ``conv_in``, ``time_embedding``,
+    ``add_embedding`` (SDXL), ``down_blocks``, ``mid_block`` and ``gradient_checkpointing``."""
+
+    config: UNetConfig
+    gradient_checkpointing: bool
+    training: bool
+    conv_in: nn.Conv2d
+    time_embedding: nn.Module
+    add_embedding: nn.Module
+    down_blocks: nn.ModuleList
+    mid_block: MidBlock
+
+    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        return checkpointed(module, *args, enabled=self.gradient_checkpointing and self.training)
+
+    def _embed(
+        self, x: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.time_embedding(
+            timestep_embedding(
+                t, self.config.block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0
+            ).to(x.dtype)
+        )
+        if self.config.addition_time_embed_dim is not None:
+            if pooled is None or time_ids is None:
+                raise ValueError("this UNet needs pooled text embeddings and time_ids (SDXL conditioning)")
+            sizes = timestep_embedding(
+                time_ids.reshape(-1),
+                self.config.addition_time_embed_dim,
+                flip_sin_to_cos=True,
+                downscale_freq_shift=0,
+            ).reshape(x.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1).to(emb.dtype))
+        return emb
+
+    def _down(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down levels from ``conv_in``'s output: the last hidden state and every skip."""
+        skips = [h]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._run(resnet, h, emb)
+                if hasattr(level, "attentions"):
+                    h = self._run(level.attentions[j], h, context)
+                skips.append(h)
+            if hasattr(level, "downsamplers"):
+                h = level.downsamplers[0](h)
+                skips.append(h)
+        return h, skips
+
+    def _mid(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        mid = self.mid_block
+        h = self._run(mid.resnets[0], h, emb)
+        h = self._run(mid.attentions[0], h, context)
+        return self._run(mid.resnets[1], h, emb)
+
+    def _skip_channels(self) -> list[int]:
+        """Channels of every skip tensor the down path pushes, in push order."""
+        cfg = self.config
+        skips = [cfg.block_out_channels[0]]
+        for i, out in enumerate(cfg.block_out_channels):
+            skips += [out] * cfg.layers_per_block
+            if i < cfg.levels - 1:
+                skips.append(out)
+        return skips
+
+
+class UNet(Encoder, nn.Module):
     """The SD/SDXL conditional UNet (see the module docstring); ``forward`` predicts noise or v."""
 
     def __init__(self, cfg: UNetConfig):
@@ -235,19 +306,6 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def _skip_channels(self) -> list[int]:
-        """Channels of every skip tensor the down path pushes, in push order."""
-        cfg = self.config
-        skips = [cfg.block_out_channels[0]]
-        for i, out in enumerate(cfg.block_out_channels):
-            skips += [out] * cfg.layers_per_block
-            if i < cfg.levels - 1:
-                skips.append(out)
-        return skips
-
-    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        return checkpointed(module, *args, enabled=self.gradient_checkpointing and self.training)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -261,35 +319,8 @@ class UNet(nn.Module):
         """``x`` (B, C, H, W) latents, ``t`` (B,) or scalar timesteps, ``context`` (B, L, D) text states;
         SDXL also takes ``pooled`` (B, P) text and ``time_ids`` (B, 6) sizes and crops. ControlNet
         residuals are added to the skips (one per skip, in push order) and to the mid output."""
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        emb = self.time_embedding(
-            timestep_embedding(
-                t, self.config.block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0
-            ).to(x.dtype)
-        )
-        if self.config.addition_time_embed_dim is not None:
-            if pooled is None or time_ids is None:
-                raise ValueError("this UNet needs pooled text embeddings and time_ids (SDXL conditioning)")
-            sizes = timestep_embedding(
-                time_ids.reshape(-1),
-                self.config.addition_time_embed_dim,
-                flip_sin_to_cos=True,
-                downscale_freq_shift=0,
-            ).reshape(x.shape[0], -1)
-            emb = emb + self.add_embedding(torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1).to(emb.dtype))
-
-        h = self.conv_in(x)
-        skips = [h]
-        for level in self.down_blocks:
-            for j, resnet in enumerate(level.resnets):
-                h = self._run(resnet, h, emb)
-                if hasattr(level, "attentions"):
-                    h = self._run(level.attentions[j], h, context)
-                skips.append(h)
-            if hasattr(level, "downsamplers"):
-                h = level.downsamplers[0](h)
-                skips.append(h)
-
+        emb = self._embed(x, t, pooled, time_ids)
+        h, skips = self._down(self.conv_in(x), emb, context)
         if down_block_residuals is not None:
             if len(down_block_residuals) != len(skips):
                 raise ValueError(
@@ -297,10 +328,7 @@ class UNet(nn.Module):
                 )
             skips = [s + r for s, r in zip(skips, down_block_residuals)]
 
-        mid = self.mid_block
-        h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, context)
-        h = self._run(mid.resnets[1], h, emb)
+        h = self._mid(h, emb, context)
         if mid_block_residual is not None:
             h = h + mid_block_residual
 
