@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffcore.control import ControlTrunk
 from diffcore.errors import UserError
 from diffcore.model import AdapterKey, DiffusionModel
 from diffcore.weights import load_into, save_safetensors
@@ -99,6 +100,8 @@ class FluxModel(DiffusionModel):
         t: torch.Tensor,
         cond: Mapping[str, torch.Tensor],
         guidance: float | torch.Tensor | None = None,
+        controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+        controlnet_single_block_samples: Sequence[torch.Tensor] | None = None,
         **extra: Any,
     ) -> torch.Tensor:
         b, _, h, w = noisy_latents.shape
@@ -117,7 +120,15 @@ class FluxModel(DiffusionModel):
             value = self.config.guidance if guidance is None else guidance
             g = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(-1).expand(b)
         out = self.backbone(
-            img, ids, txt, text_ids(txt.shape[1], device=device), t, cond["pooled"].to(device), g
+            img,
+            ids,
+            txt,
+            text_ids(txt.shape[1], device=device),
+            t,
+            cond["pooled"].to(device),
+            g,
+            controlnet_block_samples,
+            controlnet_single_block_samples,
         )
         return unpack(out[:, : (h // 2) * (w // 2)], h, w)
 
@@ -125,6 +136,13 @@ class FluxModel(DiffusionModel):
     def train_guidance(self) -> float:
         """The distilled-guidance value the training method passes (dev only)."""
         return self.config.guidance
+
+    def control_trunk(self, options: Mapping[str, Any]) -> ControlTrunk:
+        """A FluxControlNetModel trunk: the transformer's front with ``num_layers`` double and
+        ``num_single_layers`` single blocks (diffusers' defaults 4 and 10)."""
+        from diffcore_flux.control import flux_trunk
+
+        return flux_trunk(self.backbone, options)
 
     def sequence_length(self, latents: torch.Tensor) -> int:
         return sequence_length(latents)

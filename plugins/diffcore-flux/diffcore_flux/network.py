@@ -8,6 +8,9 @@ gains are ``weight`` here (diffcore.nn.RMSNorm) and ``scale`` in BFL files.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -178,7 +181,73 @@ class LastLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class FluxTransformer(nn.Module):
+class Blocks:
+    """The input projections and the block stacks, shared by :class:`FluxTransformer` and the ControlNet
+    trunk that copies its front (both hold ``shape``, ``img_in``, ``time_in``, ``vector_in``,
+    ``guidance_in``, ``txt_in``, ``double_blocks``, ``single_blocks`` and ``gradient_checkpointing``)."""
+
+    shape: TransformerShape
+    gradient_checkpointing: bool
+    img_in: nn.Linear
+    time_in: MLPEmbedder
+    vector_in: MLPEmbedder
+    guidance_in: nn.Module
+    txt_in: nn.Linear
+    double_blocks: nn.ModuleList
+    single_blocks: nn.ModuleList
+
+    def _inputs(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None,
+        hint: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rope]:
+        dtype = self.img_in.weight.dtype
+        img = self.img_in(img.to(dtype))
+        if hint is not None:
+            img = img + hint.to(dtype)
+        vec = self.time_in(_embed_time(timesteps, dtype))
+        if self.shape.guidance_embed:
+            if guidance is None:
+                raise ValueError("this Flux transformer embeds guidance: pass guidance=")
+            vec = vec + self.guidance_in(_embed_time(guidance, dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        rope = rope_frequencies(torch.cat((txt_ids, img_ids), dim=-2), self.shape.axes_dim, self.shape.theta)
+        return img, txt, vec, rope
+
+    def run_blocks(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        hint: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The image stream after every block, double then single (image part only), with ``hint``
+        added after ``img_in``: what a ControlNet trunk built like this transformer collects."""
+        img, txt, vec, rope = self._inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, hint)
+        on = self.gradient_checkpointing
+        features = []
+        for block in self.double_blocks:
+            img, txt = checkpointed(block, img, txt, vec, rope, enabled=on)
+            features.append(img)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = checkpointed(block, x, vec, rope, enabled=on)
+            features.append(x[:, txt.shape[1] :])
+        return features
+
+
+class FluxTransformer(Blocks, nn.Module):
     """Flux.1 dev/schnell backbone over packed tokens.
 
     ``forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)``: ``img`` (B, N, in_channels) packed
@@ -216,24 +285,35 @@ class FluxTransformer(nn.Module):
         timesteps: torch.Tensor,
         y: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+        controlnet_single_block_samples: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        dtype = self.img_in.weight.dtype
-        img = self.img_in(img.to(dtype))
-        vec = self.time_in(_embed_time(timesteps, dtype))
-        if self.shape.guidance_embed:
-            if guidance is None:
-                raise ValueError("this Flux transformer embeds guidance: pass guidance=")
-            vec = vec + self.guidance_in(_embed_time(guidance, dtype))
-        vec = vec + self.vector_in(y.to(dtype))
-        txt = self.txt_in(txt.to(dtype))
-        rope = rope_frequencies(torch.cat((txt_ids, img_ids), dim=-2), self.shape.axes_dim, self.shape.theta)
+        """ControlNet residuals are added to the image stream after the double blocks and to the image
+        part after the single blocks; with fewer residuals than blocks, block ``i`` takes residual
+        ``i // ceil(blocks / residuals)`` (diffusers' interval rule)."""
+        img, txt, vec, rope = self._inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         on = self.gradient_checkpointing
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = checkpointed(block, img, txt, vec, rope, enabled=on)
+            if controlnet_block_samples:
+                img = _add_control(img, controlnet_block_samples, i, len(self.double_blocks), 0)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        n_txt = txt.shape[1]
+        for i, block in enumerate(self.single_blocks):
             x = checkpointed(block, x, vec, rope, enabled=on)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            if controlnet_single_block_samples:
+                x = _add_control(x, controlnet_single_block_samples, i, len(self.single_blocks), n_txt)
+        return self.final_layer(x[:, n_txt:], vec)
+
+
+def _add_control(
+    x: torch.Tensor, samples: Sequence[torch.Tensor], index: int, blocks: int, start: int
+) -> torch.Tensor:
+    """``x`` with block ``index``'s ControlNet residual added to the target image's tokens, which begin
+    at ``start`` (after the text in the single stream; Kontext reference tokens follow and get none)."""
+    residual = samples[index // math.ceil(blocks / len(samples))].to(x.dtype)
+    end = start + residual.shape[1]
+    return torch.cat((x[:, :start], x[:, start:end] + residual, x[:, end:]), dim=1)
 
 
 def _embed_time(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
