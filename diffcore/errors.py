@@ -41,7 +41,7 @@ class ConfigError(UserError):
     """Every problem found in a job, reported together."""
 
     def __init__(self, problems: list[Problem], *, source: str | None = None):
-        self.problems = list(problems)
+        self.problems = _most_specific(problems)
         self.source = source
         lines = [f"{p.path}: {p.message}" for p in self.problems]
         head = f"{source}: " if source else ""
@@ -51,6 +51,22 @@ class ConfigError(UserError):
 
     def render(self) -> str:  # the message already holds where
         return self.message
+
+
+def _most_specific(problems: list[Problem]) -> list[Problem]:
+    """Drop exact repeats, and a problem that a deeper path under it already reports with the same
+    message (a validator's failure surfaces both at the section and at its field)."""
+    out: list[Problem] = []
+    for p in problems:
+        if p in out:
+            continue
+        deeper = any(
+            q.message == p.message and q.path.startswith(p.path) and q.path[len(p.path) : len(p.path) + 1] in (".", "[")
+            for q in problems
+        )
+        if not deeper:
+            out.append(p)
+    return out
 
 
 class TrainingError(DiffcoreError):

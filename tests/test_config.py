@@ -167,3 +167,57 @@ def test_cli_validate_exit_codes_and_one_message(job_file):
         text=True,
     )
     assert "Traceback" in debug.stderr
+
+
+def test_a_failed_range_check_is_reported_once(job_file):
+    with pytest.raises(ConfigError) as err:
+        load_job(job_file, ["train.steps=-3"])
+    assert problems(err.value) == ["$.train.steps: must be at least 1, got -3"]
+
+
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
+
+
+@pytest.mark.parametrize("where", ["name: *i", "train: {steps: *i}"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, where):
+    """Nine levels of nine aliases describe 9**9 values; the job is refused before anything walks them."""
+    import resource
+    import time
+
+    path = write(tmp_path / "bomb.yaml", BOMB + where + "\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        load_job(path)
+    assert time.perf_counter() - start < 1.0
+    # ru_maxrss is in KiB on Linux: the peak grew by less than 50 MB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000
+    assert "expands to more than 100000 values through anchors and aliases" in err.value.render()
+    assert str(path) in err.value.render()
+
+
+def test_aliases_within_the_bound_still_work(tmp_path):
+    path = write(
+        tmp_path / "job.yaml",
+        """
+        name: aliased
+        model: &m {type: example-tiny, width: 16}
+        data: {type: synthetic, resolution: 8}
+        method: {type: diffusion}
+        callbacks: [{type: loss-history}]
+        train: {steps: &s 7, warmup_steps: *s}
+        """,
+    )
+    job = load_job(path)
+    assert job.train.steps == job.train.warmup_steps == 7
+
+
+def test_a_job_file_that_is_not_utf8_is_one_message(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(UserError) as err:
+        read_yaml(path)
+    assert err.value.render().startswith(f"{path}: the job file is not UTF-8 text")

@@ -1,6 +1,6 @@
 """The job schema and how a job file becomes a validated :class:`Job`.
 
-A job is YAML read with ``yaml.safe_load``. ``_base_: [other.yaml, ...]`` inherits (deep merge, this
+A job is YAML read with ``yaml.safe_load`` (with a bound on what aliases expand to). ``_base_: [other.yaml, ...]`` inherits (deep merge, this
 file wins, lists replaced). ``--set dotted.key=value`` overrides are parsed as YAML scalars and then
 structured to the field's type. Sections a plugin provides (model, adapter, method, scheduler, data,
 train.optimizer, train.loss_weighting, callbacks: the sections of :data:`diffcore.kinds.KINDS`) are
@@ -19,6 +19,7 @@ import attrs
 import yaml
 
 from diffcore.config.structure import ExpectedError, structure, unstructure
+from diffcore.config.yaml_bounded import YAMLTooLarge, load_yaml
 from diffcore.errors import ConfigError, Problem, UserError
 from diffcore.kinds import KINDS
 
@@ -161,7 +162,11 @@ def _read_with_bases(path: Path, chain: list[Path]) -> dict[str, Any]:
     if not path.is_file():
         raise UserError("job file not found", where=str(path), hint="check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the job file is not UTF-8 text (byte {exc.start}: {exc.reason})", where=str(path)) from None
+    except YAMLTooLarge as exc:
+        raise UserError(str(exc), where=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -208,7 +213,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"bad --set {item!r}", where="--set", hint="write --set dotted.key=value, e.g. --set train.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
+        except YAMLTooLarge as exc:
+            raise UserError(str(exc), where=f"--set {key}") from None
         except yaml.YAMLError:
             value = raw
         node: Any = out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -29,8 +30,14 @@ class ExpectedError(ValueError):
     """A value of the wrong kind; the message says what was expected."""
 
 
+_SHORT = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 36
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    # bounded by construction: a value can be a huge shared structure (YAML aliases), so never repr it whole
+    text = _SHORT.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
