@@ -8,6 +8,7 @@ whatever modules it declares. docs/plugin-api.md describes the lifecycle.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,11 @@ class Method:
     ) -> torch.Tensor:
         """The prediction at inference; ``batch`` carries ``inference_inputs``. Default: the model's."""
         return model.predict(noisy_latents, t, cond, **extra)
+
+    def export(self, name: str, module: nn.Module, folder: Path, metadata: Mapping[str, str]) -> None:
+        """Write module ``name`` in published layouts into ``folder`` (``final/`` or a checkpoint),
+        beside the ``<name>.safetensors`` the kernel writes. Called on the main rank only, with the
+        module's whole weights (gathered under ZeRO-3). Default: nothing more."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint besides module weights: tensors and JSON values (no pickle)."""

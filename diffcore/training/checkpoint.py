@@ -111,6 +111,7 @@ def export_weights(ctx: Any, folder: Path) -> Path:
             if ctx.is_main:
                 tensors = {k: v.detach() for k, v in module.state_dict().items()}
                 save_safetensors(tensors, folder / f"{name}.safetensors", {**meta, "diffcore.module": name})
+                ctx.method.export(name, module, folder, {**meta, "diffcore.module": name})
     if ctx.adapter is not None:
         path = folder / "adapter.safetensors"
         # every rank joins the gather (ZeRO-3 partitions adapter tensors above its persistence threshold)
