@@ -1,0 +1,1 @@
+"""DreamBooth with prior preservation as a diffcore method plugin."""

@@ -1,0 +1,202 @@
+"""The dreambooth method: its loss against the default method and the hand-computed sum, the class
+folder checks, and a tiny DiT run that generates its class images, is killed mid-generation,
+resumes exactly (generation and training) and exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from diffcore_dreambooth import class_images, plugin
+from diffcore_dreambooth import method as method_module
+from diffcore_dreambooth.config import DreamBoothConfig
+from diffcore_dreambooth.method import DreamBoothMethod
+from PIL import Image
+
+import diffcore
+from diffcore.context import StepRandom
+from diffcore.methods.config import DiffusionMethodConfig
+from diffcore.methods.diffusion import DiffusionMethod
+from diffcore.testing import assert_entry_points_light, fake_context, first_batch, run_job
+
+pytest.importorskip("diffcore_dit")
+from diffcore_dit import plugin as dit_plugin  # noqa: E402
+
+TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2, patch_size=4, in_channels=3, input_size=16, num_classes=4)
+
+
+def test_entry_module_is_light() -> None:
+    assert assert_entry_points_light("diffcore-dreambooth") == ["diffcore_dreambooth.plugin"]
+
+
+def tiny_dit() -> diffcore.model.DiffusionModel:
+    torch.manual_seed(0)
+    return diffcore.load_model("dit", **TINY_DIT)
+
+
+def shapes(n: int = 4):
+    return diffcore.build_component("dataset", "synthetic", {"resolution": 16, "size": 8})
+
+
+def write_class_folder(folder: Path, n: int, size: int = 16) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        # sizes other than the class size: loading scales to cover and centre-crops
+        pixels = rng.integers(0, 256, (size + 4 * i, size + 2, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"dog-{i}.png")
+        paths.append(folder / f"dog-{i}.png")
+    return paths
+
+
+def test_prior_weight_zero_is_the_default_method() -> None:
+    dataset = shapes()
+    batch = first_batch(dataset, 4)
+    base = DiffusionMethodConfig(condition_dropout=0.2)
+    default = fake_context(tiny_dit(), method=DiffusionMethod(base), dataset=dataset, micro_step=3)
+    want, _ = default.method.loss(default, batch)
+    config = DreamBoothConfig(condition_dropout=0.2, prior_loss_weight=0.0, class_label=1)
+    ctx = fake_context(tiny_dit(), method=DreamBoothMethod(config), dataset=dataset, micro_step=3)
+    got, logs = ctx.method.loss(ctx, batch)
+    assert logs == {}
+    assert got.item() == want.item()
+
+
+def test_prior_loss_is_the_hand_computed_sum(tmp_path: Path) -> None:
+    dataset = shapes()
+    batch = first_batch(dataset, 4)
+    write_class_folder(tmp_path / "dogs", 3)
+    config = DreamBoothConfig(prior_loss_weight=0.7, class_label=2, class_dir=str(tmp_path / "dogs"), num_class_images=3, generate=False)
+    model = tiny_dit()
+    ctx = fake_context(model, method=DreamBoothMethod(config), dataset=dataset, micro_step=5, output_dir=tmp_path / "out")
+    loss, logs = ctx.method.loss(ctx, batch)
+
+    # the same draws by hand: the instance part, the class picks, then the class part
+    reference = DiffusionMethod(DiffusionMethodConfig())
+    ctx.step_random = StepRandom(0, 5)
+    instance = reference.denoising_loss(ctx, batch)
+    picks = ctx.step_random.call(lambda n, g: torch.randint(3, (n,), generator=g), 4).tolist()
+    assert len(set(picks)) > 1  # the pairing is not degenerate for this seed
+    files = sorted((tmp_path / "dogs").glob("*.png"))
+    pixels = []
+    for i in picks:
+        image = Image.open(files[i]).convert("RGB")
+        w, h = image.size
+        scale = max(16 / h, 16 / w)
+        image = image.resize((max(16, round(w * scale)), max(16, round(h * scale))), Image.Resampling.BICUBIC)
+        left, top = (image.width - 16) // 2, (image.height - 16) // 2
+        image = image.crop((left, top, left + 16, top + 16))
+        pixels.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    prior = reference.denoising_loss(ctx, {"pixels": torch.stack(pixels), "labels": torch.full((4,), 2)})
+    assert abs(loss.item() - (instance.item() + 0.7 * prior.item())) < 1e-6
+    assert logs["instance_loss"].item() == instance.item()
+    assert abs(logs["prior_loss"].item() - prior.item()) < 1e-6
+    assert prior.item() != instance.item()
+
+
+def test_section_problems(tmp_path: Path) -> None:
+    job = type("Job", (), {"output_dir": str(tmp_path)})()
+    problems = DreamBoothMethod(DreamBoothConfig()).validate(job)
+    assert [p.path for p in problems] == ["$.method.class_prompt"]
+    assert "class_label" in problems[0].message
+    write_class_folder(tmp_path / "few", 2)
+    config = DreamBoothConfig(class_prompt="a dog", class_dir=str(tmp_path / "few"), num_class_images=5, generate=False)
+    problems = DreamBoothMethod(config).validate(job)
+    assert [p.path for p in problems] == ["$.method.class_dir"]
+    assert "holds 2 class images" in problems[0].message and "num_class_images asks for 5" in problems[0].message
+    problems = DreamBoothMethod(DreamBoothConfig(class_label=0, generate=False, num_class_images=0)).validate(job)
+    assert [p.path for p in problems] == ["$.method.num_class_images", "$.method.class_dir"]
+    assert [p.path for p in DreamBoothMethod(DreamBoothConfig(prior_loss_weight=-1)).validate(job)] == ["$.method.prior_loss_weight"]
+    assert DreamBoothMethod(DreamBoothConfig(prior_loss_weight=0, generate=False)).validate(job) == []
+
+
+def test_a_manifest_with_other_settings_is_refused(tmp_path: Path) -> None:
+    settings = class_images.Generation(
+        prompt=None, label=1, height=16, width=16, sampler="euler", steps=2, guidance=5.0, batch=2, seed=0,
+        architecture="dit", base_model="",
+    )  # fmt: skip
+    given, planned = class_images.plan(tmp_path, 3, settings)
+    assert given == [] and [(e["file"], e["batch"]) for e in planned] == [("class-00000.png", 0), ("class-00001.png", 0), ("class-00002.png", 1)]
+    class_images.write_manifest(tmp_path, settings, planned)
+    with pytest.raises(diffcore.UserError, match=r"other settings \(label: 1 there, 3 now\)"):
+        class_images.plan(tmp_path, 3, attrs.evolve(settings, label=3))
+
+
+def dit_job(tmp_path: Path, steps: int, **method) -> dict:
+    return {
+        "name": "dreambooth-dit",
+        "seed": 3,
+        "model": {"type": "dit", **TINY_DIT},
+        "method": {
+            "type": "dreambooth",
+            "class_label": 2,
+            "class_dir": str(tmp_path / "classes"),
+            "num_class_images": 6,
+            "generation_batch": 4,
+            "sample_steps": 2,
+            "guidance": 2.0,
+            **method,
+        },
+        "data": {"type": "synthetic", "resolution": 16, "size": 8},
+        "train": {
+            "steps": steps,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "deepspeed": {"zero_stage": 2},
+        },
+    }
+
+
+PLUGINS = [plugin, dit_plugin]
+
+
+@pytest.mark.slow
+def test_generates_trains_resumes_exactly_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight_dir = tmp_path / "straight"
+    straight = run_job(dit_job(straight_dir, 4), straight_dir / "out", plugins=PLUGINS)
+    classes = sorted(p.name for p in class_images.list_images(straight_dir / "classes"))
+    assert classes == [f"class-{i:05d}.png" for i in range(6)]
+    assert {"instance_loss", "prior_loss"} <= set(straight.metrics[0])
+    assert (straight.output_dir / "final" / "model.safetensors").is_file()
+
+    # killed while generating: after the first batch of four images
+    split_dir = tmp_path / "split"
+    real, calls = method_module.make_class_batch, []
+
+    def dies_after_one(ctx, settings, n, seed):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(n)
+        return real(ctx, settings, n, seed)
+
+    monkeypatch.setattr(method_module, "make_class_batch", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(dit_job(split_dir, 2), split_dir / "out", plugins=PLUGINS)
+    assert len(class_images.list_images(split_dir / "classes")) == 4
+
+    made = []
+    monkeypatch.setattr(method_module, "make_class_batch", lambda *a: made.append(a[2]) or real(*a))
+    run_job(dit_job(split_dir, 2), split_dir / "out", plugins=PLUGINS, resume=True)
+    assert made == [2]  # only the missing batch
+    for name in classes:
+        assert (split_dir / "classes" / name).read_bytes() == (straight_dir / "classes" / name).read_bytes()
+    resumed = run_job(dit_job(split_dir, 4), split_dir / "out", plugins=PLUGINS, resume=True)
+    assert made == [2]  # the next run reuses the cached images
+    assert [row["step"] for row in resumed.metrics] == [1, 2, 3, 4]
+    assert resumed.losses == straight.losses
+    for key, value in straight.weights("model").items():
+        assert torch.equal(resumed.weights("model")[key], value), key
+
+
+def test_a_short_class_folder_without_generation_exits_2(tmp_path: Path) -> None:
+    write_class_folder(tmp_path / "classes", 2)
+    job = dit_job(tmp_path, 1, generate=False, num_class_images=3)
+    run = run_job(job, tmp_path / "out", spawn=True, expect_exit=2, plugins=["diffcore_dreambooth.plugin", "diffcore_dit.plugin"])
+    assert "$.method.class_dir" in run.stderr and "holds 2 class images" in run.stderr
+    assert "Traceback" not in run.stderr
