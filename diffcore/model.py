@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import attrs
 import torch
 from torch import nn
 
@@ -25,6 +26,17 @@ PredictionType = Literal["eps", "v", "x0", "flow"]
 #: (a row count following the previous part, a (start, stop) pair, or None for "the rest")
 FusedParts = list[tuple[str, int | tuple[int, int] | None]]
 AdapterKey = str | FusedParts | None
+
+
+@attrs.frozen(eq=False)
+class TokenTable:
+    """One text encoder's tokenizer and its token-embedding table (what textual inversion extends:
+    it adds tokens to ``tokenizer`` and looks their vectors up beside ``embedding``'s rows)."""
+
+    #: a transformers tokenizer (``add_tokens``, ``convert_tokens_to_ids``, ``__call__``)
+    tokenizer: Any
+    #: the ``nn.Embedding`` the encoder looks token ids up in
+    embedding: nn.Embedding
 
 
 class DiffusionModel:
@@ -146,6 +158,12 @@ class DiffusionModel:
         The kernel hands the ones holding trainable parameters to DeepSpeed together with the
         method's own modules, so clipping, ZeRO and checkpoints cover them."""
         return {"backbone": self.backbone, **self.frozen}
+
+    def token_tables(self) -> dict[str, TokenTable]:
+        """Each loaded text encoder's tokenizer and token embeddings, by the name embedding files
+        give that encoder (``"clip_l"``, ``"clip_g"``); empty (the default) when the model has none,
+        and textual inversion refuses it."""
+        return {}
 
     def repeated_blocks(self) -> list[str]:
         """Dotted paths of the backbone's ``nn.ModuleList``s of repeated blocks (for block swap,
