@@ -1,0 +1,160 @@
+"""Tiny random SD3 components shared by the tests (diffusers and transformers as references only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LATENT_CHANNELS = 16
+CLIP_L_DIM, CLIP_G_DIM = 16, 24
+POOLED_DIM = CLIP_L_DIM + CLIP_G_DIM
+T5_DIM = 48  # the context width: wider than both CLIPs side by side, as 4096 is
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+#: the three shapes the issue names, shrunk: (sd35 variant or None for sd3, diffusers config)
+SHAPES = {
+    "sd3-medium": (
+        None,
+        dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, qk_norm=None, pos_embed_max_size=8),
+    ),
+    "sd35-large": (
+        "large",
+        dict(num_layers=3, attention_head_dim=8, num_attention_heads=3, qk_norm="rms_norm", pos_embed_max_size=8),
+    ),
+    "sd35-medium": (
+        "medium",
+        dict(
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            qk_norm="rms_norm",
+            pos_embed_max_size=12,
+            dual_attention_layers=(0, 1),
+        ),
+    ),
+}
+
+
+def model_options(name: str) -> dict:
+    """``diffcore.load_model`` type and variant for one of SHAPES."""
+    variant = SHAPES[name][0]
+    return {"type": "sd3"} if variant is None else {"type": "sd35", "variant": variant}
+
+
+def reference_transformer(name: str, seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(SHAPES[name][1])
+    dim = config["attention_head_dim"] * config["num_attention_heads"]
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        joint_attention_dim=T5_DIM,
+        caption_projection_dim=dim,
+        pooled_projection_dim=POOLED_DIM,
+        **config,
+    ).eval()
+    with torch.no_grad():  # larger than default init so every path moves the output
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def clip_tokenizer(pad: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for suffix in ("", "</w>"):
+        for c in LETTERS:
+            vocab[c + suffix] = len(vocab)
+    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad)
+
+
+def t5_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
+    pieces += [("\u2581cat", -1.0), ("\u2581dog", -1.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return T5TokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def _clip(hidden: int, act: str, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=70,
+            hidden_size=hidden,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=hidden,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).eval()
+
+
+def text_encoders(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    clip_l = _clip(CLIP_L_DIM, "quick_gelu", seed)
+    clip_g = _clip(CLIP_G_DIM, "gelu", seed + 1)
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=70,
+            d_model=T5_DIM,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    return clip_l, clip_g, t5
+
+
+def write_pipeline(root: Path, name: str = "sd35-medium", seed: int = 0, t5: bool = True) -> dict:
+    """A diffusers-layout SD3 folder (no VAE) and the reference components it was written from."""
+    transformer = reference_transformer(name, seed)
+    clip_l, clip_g, t5_model = text_encoders(seed + 1)
+    tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer("!"), t5_tokenizer()
+    transformer.save_pretrained(root / "transformer")
+    clip_l.save_pretrained(root / "text_encoder")
+    clip_g.save_pretrained(root / "text_encoder_2")
+    tok.save_pretrained(root / "tokenizer")
+    tok2.save_pretrained(root / "tokenizer_2")
+    parts = dict(
+        transformer=transformer,
+        text_encoder=clip_l,
+        text_encoder_2=clip_g,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    if t5:
+        t5_model.save_pretrained(root / "text_encoder_3")
+        tok3.save_pretrained(root / "tokenizer_3")
+        parts.update(text_encoder_3=t5_model, tokenizer_3=tok3)
+    return parts
