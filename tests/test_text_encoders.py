@@ -130,6 +130,22 @@ def test_clip_l_folder_matches_transformers(tmp_path):
     assert out.mask[0].sum() == 4  # bos, c, at, eos
 
 
+def test_encode_keeps_a_graph_only_through_an_encoder_that_trains(tmp_path):
+    # A text-encoder adapter trains through encode(); a frozen encoder must stay inference-only.
+    root = _pipeline(tmp_path / "pipe", tiny_clip(projection=False), clip_tokenizer())
+    te = load_text_encoder("clip-l", ClipConfig(pretrained=str(root), subfolder="text_encoder"))
+    assert not any(p.requires_grad for p in te.model.parameters())
+    assert not te.encode(CAPTIONS).hidden.requires_grad
+    last = list(te.model.parameters())[-1]
+    last.requires_grad_(True)
+    out = te.encode(CAPTIONS)
+    assert out.hidden.requires_grad and out.pooled.requires_grad
+    out.hidden.sum().backward()
+    assert last.grad is not None and last.grad.abs().max() > 0
+    with torch.no_grad():  # the caller's no_grad still wins
+        assert not te.encode(CAPTIONS).hidden.requires_grad
+
+
 def test_openclip_bigg_same_from_folder_original_file_and_hf_file(tmp_path):
     ref = tiny_clip(projection=True, act="gelu", seed=1)
     clip_l = tiny_clip(projection=False, seed=2)

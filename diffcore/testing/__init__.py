@@ -19,6 +19,8 @@ What it offers (plain functions; the fixtures below are thin wrappers):
   torch, deepspeed or transformers (checked in a fresh interpreter).
 - :func:`compare_with_reference` / :func:`assert_outputs_close`: the same random weights in a model
   and its reference, the same inputs, the largest difference within a tolerance.
+- :func:`assert_text_encoders_train`: a text-encoder adapter on a model trains (its parameters move,
+  the conditioning changes) and frozen text encoders build no autograd graph.
 
 Fixtures: ``diffcore_plugins`` (a function registering plugin objects for the test), ``diffcore_run``
 (:func:`run_job` with output under the test's ``tmp_path``) and ``diffcore_context`` (:func:`fake_context`).
@@ -38,6 +40,7 @@ from diffcore.testing.jobs import JobRun, run_cli, run_job
 from diffcore.testing.registration import plugins_registered, registry_with
 
 if TYPE_CHECKING:
+    from diffcore.testing.conditioning import assert_text_encoders_train
     from diffcore.testing.context import TinyModel, fake_context, first_batch
     from diffcore.testing.parity import assert_outputs_close, compare_with_reference
 
@@ -47,6 +50,7 @@ __all__ = [
     "assert_entry_points_light",
     "assert_light_import",
     "assert_outputs_close",
+    "assert_text_encoders_train",
     "compare_with_reference",
     "fake_context",
     "first_batch",
@@ -62,6 +66,7 @@ _LAZY = {
     "fake_context": "diffcore.testing.context",
     "first_batch": "diffcore.testing.context",
     "assert_outputs_close": "diffcore.testing.parity",
+    "assert_text_encoders_train": "diffcore.testing.conditioning",
     "compare_with_reference": "diffcore.testing.parity",
 }
 

@@ -75,17 +75,19 @@ def fake_context(
     rank: int = 0,
     world_size: int = 1,
     output_dir: str | Path | None = None,
+    adapter: Any = None,
 ) -> TrainContext:
     """A :class:`TrainContext` as the loop builds it, on CPU and without DeepSpeed (``engine`` is None).
 
     ``model`` defaults to a :class:`TinyModel`; ``method`` to the built-in diffusion method;
     ``scheduler`` (a built scheduler, or a registered name) to the model's ``default_scheduler``;
     ``dataset`` to 16 synthetic 8x8 shapes; ``train`` holds ``train:`` section keys. As in the loop,
-    ``method.modules(model)`` become ``ctx.method_modules`` and ``ctx.trainable`` is what
-    ``method.setup`` returns plus their parameters. ``ctx.step_random`` draws micro-step
-    ``micro_step`` of rank ``rank`` in a world of ``world_size``; assign a new
-    :class:`~diffcore.context.StepRandom` to move on. Nothing is written unless the code under test
-    writes to ``output_dir`` (default: a fresh temporary folder).
+    ``adapter`` (a built adapter) is attached to the model first and becomes
+    ``ctx.adapter`` with ``ctx.adapter_params``; then ``method.modules(model)`` become
+    ``ctx.method_modules`` and ``ctx.trainable`` is what ``method.setup`` returns plus their
+    parameters. ``ctx.step_random`` draws micro-step ``micro_step`` of rank ``rank`` in a world of
+    ``world_size``; assign a new :class:`~diffcore.context.StepRandom` to move on. Nothing is written
+    unless the code under test writes to ``output_dir`` (default: a fresh temporary folder).
     """
     from diffcore.api import build_component
     from diffcore.config.job import Job, Section, TrainConfig
@@ -126,6 +128,9 @@ def fake_context(
         world_size=world_size,
         step_random=StepRandom(seed, micro_step, rank, world_size),
     )
+    if adapter is not None:
+        ctx.adapter = adapter
+        ctx.adapter_params = list(adapter.attach(model))
     ctx.method_modules = dict(method.modules(model))
     trainable = [p for p in method.setup(ctx) if p.requires_grad]
     trainable += [p for m in ctx.method_modules.values() for p in m.parameters() if p.requires_grad]

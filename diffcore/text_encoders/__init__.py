@@ -17,6 +17,7 @@ Public API::
   modules are built on the meta device and streamed in ``dtype``, never randomly initialised first;
 - helpers: :func:`hidden_layer` (last / penultimate / index), :func:`stacked_states` (LLM layers
   concatenated along features), :func:`repair_position_ids`, :func:`canonical_clip_state`,
+  :func:`grad_if_trainable` (autograd only through an encoder that trains),
   :func:`openclip_to_hf` / :func:`hf_to_openclip`.
 
 Importing this package does not import torch (the registration records use the configs); the
@@ -43,7 +44,7 @@ from diffcore.text_encoders.config import (
 if TYPE_CHECKING:
     from diffcore.text_encoders.clip import canonical_state as canonical_clip_state
     from diffcore.text_encoders.clip import hidden_layer, repair_position_ids
-    from diffcore.text_encoders.encoder import Encoded, TextEncoder
+    from diffcore.text_encoders.encoder import Encoded, TextEncoder, grad_if_trainable
     from diffcore.text_encoders.llm import stacked_states
     from diffcore.text_encoders.loading import load_model, load_text_encoder, locate_weights
     from diffcore.text_encoders.openclip import hf_to_openclip, openclip_to_hf
@@ -62,6 +63,7 @@ __all__ = [
     "T5Config",
     "TextEncoder",
     "canonical_clip_state",
+    "grad_if_trainable",
     "hf_to_openclip",
     "hidden_layer",
     "load_model",
@@ -76,6 +78,7 @@ __all__ = [
 _LAZY = {
     "Encoded": ("encoder", "Encoded"),
     "TextEncoder": ("encoder", "TextEncoder"),
+    "grad_if_trainable": ("encoder", "grad_if_trainable"),
     "canonical_clip_state": ("clip", "canonical_state"),
     "hidden_layer": ("clip", "hidden_layer"),
     "repair_position_ids": ("clip", "repair_position_ids"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,13 +27,24 @@ class Encoded:
     mask: torch.Tensor
 
 
+def grad_if_trainable(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Autograd for a forward pass through ``module`` only when one of its parameters trains (an
+    adapter on a text encoder, an unfrozen encoder); a frozen encoder builds no graph."""
+    trains = any(p.requires_grad for p in module.parameters())
+    return torch.set_grad_enabled(torch.is_grad_enabled() and trains)
+
+
 class TextEncoder:
-    """A frozen text encoder with its tokenizer. Families subclass it with ``tokenize`` and ``run``."""
+    """A text encoder with its tokenizer. Families subclass it with ``tokenize`` and ``run``.
+
+    It is frozen unless something makes its parameters trainable (a text-encoder adapter): then
+    ``encode`` keeps the graph so the conditioning carries gradients back into it."""
 
     family: str = ""
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: EncoderConfig):
-        self.model = model
+        # frozen until an adapter or a method unfreezes what trains: encode() then keeps the graph
+        self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = config
 
@@ -56,14 +68,14 @@ class TextEncoder:
         """Encode token ids (from :meth:`tokenize` or a cache)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def encode(self, captions: str | Sequence[str]) -> Encoded:
         if self.tokenizer is None:
             raise UserError(
                 f"the {self.family} text encoder was loaded without a tokenizer", where="tokenizer"
             )
         ids, mask = self.tokenize([captions] if isinstance(captions, str) else list(captions))
-        return self.run(ids, mask)
+        with grad_if_trainable(self.model):
+            return self.run(ids, mask)
 
     def _padded(self, captions: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # fixed-length padding, as every reference pipeline encodes prompts for these models

@@ -32,9 +32,10 @@ class FluxTextEncoders:
     def t5(self) -> nn.Module:
         return self.t5_encoder.model
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # Fixed-length padding without an attention mask, as BFL and diffusers encode Flux prompts.
+        # Each encoder keeps its graph only when it trains (a text-encoder adapter): see
+        # diffcore.text_encoders.grad_if_trainable; frozen ones still run without autograd.
         pooled = self.clip_encoder.encode(captions).pooled
         txt = self.t5_encoder.encode(captions).hidden
         return txt, pooled

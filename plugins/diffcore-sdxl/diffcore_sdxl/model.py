@@ -15,6 +15,7 @@ import diffcore
 from diffcore.control import ControlTrunk
 from diffcore.errors import UserError
 from diffcore.model import DiffusionModel
+from diffcore.text_encoders import grad_if_trainable
 from diffcore.weights import Checkpoint, has_prefix, save_safetensors
 from diffcore_sdxl import loading
 from diffcore_sdxl.config import SDConfig, UNetConfig
@@ -90,9 +91,7 @@ class SDModel(DiffusionModel):
     ) -> tuple[torch.Tensor, Any]:
         encoder = self.frozen[slot]
         ids = tokenize_windows(self.tokenizers[slot], captions, min_windows=windows)
-        with torch.set_grad_enabled(
-            torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
-        ):
+        with grad_if_trainable(encoder):  # a text-encoder adapter trains through it
             return encode_windows(encoder, ids, layer)
 
     def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
