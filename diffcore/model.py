@@ -50,6 +50,9 @@ class DiffusionModel:
     guidance_embedded: bool = False
     #: the guidance value such a model is trained with (Flux dev: 1.0 in kohya and diffusion-pipe)
     train_guidance: float = 1.0
+    #: ``predict(..., skip_layers=[block indices])`` passes those blocks over (skip-layer guidance,
+    #: the sampler option ``skip_layers``); False: the model takes no such keyword
+    layer_skipping: bool = False
     #: module-name regexes an adapter wraps when the job names none
     adapter_targets: list[str] = []
     #: the diffusers component the backbone is published as ("unet", "transformer"): adapter files in
@@ -202,6 +205,18 @@ class DiffusionModel:
         no counterpart there and adapters skip it. The default: the backbone's names are both.
         """
         return module_path
+
+    def text_encoder_key(self, name: str, layout: Literal["original", "diffusers"]) -> str:
+        """The name of text encoder ``name`` (a key of ``frozen``) in a published layout, for adapter files.
+
+        "original": its name in kohya/ComfyUI adapter files (``lora_<name>_...``), which number text
+        encoders by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); "diffusers": its diffusers pipeline
+        component (PEFT files). The default: ``teN`` is ``teN`` and ``text_encoder`` /
+        ``text_encoder_N``; other names are their own.
+        """
+        if layout == "diffusers" and name.startswith("te") and name[2:].isdigit():
+            return "text_encoder" if name == "te1" else f"text_encoder_{name[2:]}"
+        return name
 
     def export_state_dict(self, layout: Literal["original", "diffusers"] = "diffusers") -> dict[str, torch.Tensor]:
         """The backbone's weights in a published layout (the loop exports "diffusers" as

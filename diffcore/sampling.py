@@ -16,7 +16,8 @@ import torch
 
 from diffcore.diffusion import objectives
 from diffcore.diffusion.guidance import classifier_free_guidance
-from diffcore.diffusion.samplers import Sampler, StepCallback
+from diffcore.diffusion.samplers import BuiltinSampler, Sampler, StepCallback
+from diffcore.errors import UserError
 from diffcore.method import Method
 from diffcore.model import DiffusionModel
 
@@ -58,10 +59,19 @@ def generate(
     Karras et al. ``sampler`` is a registered sampler's name (built with ``sampler_options``, see
     :func:`build_sampler`) or a built sampler; ``eta`` is DDIM's noise (for a sampler given by name
     whose config has ``eta``). ``method``: predict through ``method.predict`` (a
-    ControlNet's residuals, say) with ``batch`` carrying its ``inference_inputs``.
+    ControlNet's residuals, say) with ``batch`` carrying its ``inference_inputs``. A built-in
+    sampler's ``skip_layers`` option adds skip-layer guidance to classifier-free guidance
+    (models declaring ``layer_skipping``).
     """
     if isinstance(sampler, str):
         sampler = build_sampler(sampler, sampler_options, eta=eta)
+    skip = sampler.skip_layer_guidance if isinstance(sampler, BuiltinSampler) else None
+    if skip is not None and not model.layer_skipping:
+        raise UserError(
+            f"{type(model).__name__} cannot pass blocks over for skip-layer guidance",
+            where="sampler option skip_layers",
+            hint="remove skip_layers: the model does not declare layer_skipping",
+        )
     was_training = model.backbone.training
     model.backbone.eval()
     try:
@@ -101,7 +111,11 @@ def generate(
             out = predict(x, t, cond, batch, **extra).float()
             if use_cfg and guidance is not None:  # use_cfg implies a guidance; this says so to the checker
                 out_u = predict(x, t, uncond, null_batch, **extra).float()
-                out = classifier_free_guidance(out, out_u, guidance, guidance_rescale)
+                guided = classifier_free_guidance(out, out_u, guidance, guidance_rescale)
+                if skip is not None and skip.active(i, schedule.steps):
+                    skipped = predict(x, t, cond, batch, **extra, skip_layers=skip.layers).float()
+                    guided = skip.apply(guided, out, skipped)
+                out = guided
             alpha, sigma = float(schedule.alphas[i]), float(schedule.sigmas[i])
             return objectives.to_x0_eps(out, x, alpha, sigma, prediction_type)
 

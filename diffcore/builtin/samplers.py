@@ -43,19 +43,39 @@ class X0Options:
     threshold_max: float | None = attrs.field(default=None, validator=_positive_or_none)
 
 
+def _fraction(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a fraction of the steps in [0, 1], got {value}")
+
+
 @attrs.define(kw_only=True)
-class PlainSamplerConfig(X0Options):
+class SkipLayerOptions(X0Options):
+    """Skip-layer guidance (SD3.5's recommended setting: ``skip_layers: [7, 8, 9]``): on the steps i
+    with ``start * steps < i < stop * steps``, with classifier-free guidance on, the guided output
+    gains ``scale * (cond - cond_skipped)``, where cond_skipped is the conditional prediction with
+    those backbone blocks passed over (models declaring ``layer_skipping``). Every built-in
+    sampler's config has these beside the x0 options."""
+
+    #: block indices to pass over; empty: no skip-layer guidance
+    skip_layers: list[int] = attrs.Factory(list)
+    skip_layer_scale: float = 2.8
+    skip_layer_start: float = attrs.field(default=0.01, validator=_fraction)
+    skip_layer_stop: float = attrs.field(default=0.2, validator=_fraction)
+
+
+@attrs.define(kw_only=True)
+class PlainSamplerConfig(SkipLayerOptions):
     """A sampler with no options of its own (ddpm, euler, euler_a, heun)."""
 
 
 @attrs.define(kw_only=True)
-class DDIMConfig(X0Options):
+class DDIMConfig(SkipLayerOptions):
     #: stochasticity: 0 deterministic DDIM, 1 the DDPM posterior noise
     eta: float = attrs.field(default=0.0, validator=_not_negative)
 
 
 @attrs.define(kw_only=True)
-class DPMPP2MConfig(X0Options):
+class DPMPP2MConfig(SkipLayerOptions):
     #: space DDPM-family noise levels per Karras et al. (rectified flow has its own spacing)
     karras: bool = False
 

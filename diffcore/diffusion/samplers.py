@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import attrs
 import torch
 
+from diffcore.diffusion.guidance import SkipLayerGuidance
 from diffcore.diffusion.scheduler import SamplingSchedule, canonical_sampler
 
 Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -118,6 +119,17 @@ class BuiltinSampler:
     @property
     def schedule_as(self) -> str:
         return self.method
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        """The config's skip-layer guidance (:class:`diffcore.builtin.samplers.SkipLayerOptions`),
+        None when it names no layers."""
+        c = self.x0_options
+        if not c.skip_layers:
+            return None
+        return SkipLayerGuidance(
+            tuple(int(i) for i in c.skip_layers), c.skip_layer_scale, c.skip_layer_start, c.skip_layer_stop
+        )
 
     def __call__(
         self,
