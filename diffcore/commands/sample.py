@@ -76,6 +76,18 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=IMAGE",
         help="an extra input the job's method samples with, e.g. control=edges.png (repeatable)",
     )
+    gen.add_argument(
+        "--reference",
+        dest="references",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="a reference image to edit from (Kontext; repeatable for multi-reference models); with --mask "
+        "the first one is the image to inpaint",
+    )
+    gen.add_argument(
+        "--mask", default=None, metavar="IMAGE", help="inpainting mask of the first --reference (white = repaint)"
+    )
     gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     gen.add_argument("--sampler", default="euler", help=SAMPLERS_HELP)
@@ -180,6 +192,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(
                 f"must be at least 1, got {getattr(args, name)}", where=f"--{name.replace('_', '-')}"
             )
+    for path in [*args.references, *([args.mask] if args.mask else [])]:
+        if not Path(path).is_file():
+            raise UserError(f"image {path!r} not found", where="--mask" if path == args.mask else "--reference")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise UserError(f"must be in [0, 1], got {args.guidance_rescale}", where="--guidance-rescale")
 
@@ -394,6 +409,14 @@ def sample_command(args: argparse.Namespace) -> int:
             from diffcore.inputs import load_inputs
 
             batch.update(load_inputs(inputs, count=len(chunk), height=height, width=width, device=device))
+        if args.references or args.mask:
+            from diffcore.inputs import load_edit_inputs
+
+            batch.update(
+                load_edit_inputs(
+                    args.references, args.mask, count=len(chunk), height=height, width=width, device=device
+                )
+            )
         try:
             pixels = generate(
                 model,
