@@ -48,6 +48,10 @@ class SampleConfig:
     at_end: bool = True
     #: the method's extra inference inputs by batch key, e.g. ``{control: edges.png}``
     inputs: dict[str, str] = attrs.Factory(dict)
+    #: reference images of editing models (Kontext, Flux.2 multi-reference), as ``--reference``
+    references: list[str] = attrs.Factory(list)
+    #: inpainting mask of the first reference (white = repaint), as ``--mask``
+    mask: str | None = None
 
 
 @attrs.define(kw_only=True)

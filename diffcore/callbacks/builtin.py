@@ -162,6 +162,16 @@ class SampleCallback(Callback):
                     device=ctx.device, where="$.callbacks[sample].inputs",
                 )
             )
+        if self.config.references or self.config.mask:
+            from diffcore.inputs import load_edit_inputs
+            from diffcore.sampling import batch_size
+
+            batch.update(
+                load_edit_inputs(
+                    self.config.references, self.config.mask, count=batch_size(batch), height=height,
+                    width=width, device=ctx.device, where="$.callbacks[sample].references",
+                )
+            )  # fmt: skip
         pixels = _eval_generate(
             ctx,
             generate,
