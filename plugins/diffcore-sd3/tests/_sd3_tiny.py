@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 LATENT_CHANNELS = 16
-CLIP_L_DIM, CLIP_G_DIM = 16, 24
+# 64-wide heads, as every released CLIP text tower: a single file stores no config, so the loader
+# reads the head count from the width
+CLIP_L_DIM, CLIP_G_DIM = 64, 64
 POOLED_DIM = CLIP_L_DIM + CLIP_G_DIM
-T5_DIM = 48  # the context width: wider than both CLIPs side by side, as 4096 is
+T5_DIM = 136  # the context width: wider than both CLIPs side by side, as 4096 is
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 #: the three shapes the issue names, shrunk: (sd35 variant or None for sd3, diffusers config)
@@ -102,7 +104,7 @@ def _clip(hidden: int, act: str, seed: int):
             hidden_size=hidden,
             intermediate_size=37,
             num_hidden_layers=3,
-            num_attention_heads=2,
+            num_attention_heads=1,
             max_position_embeddings=77,
             hidden_act=act,
             projection_dim=hidden,
