@@ -168,6 +168,18 @@ class FluxModel(DiffusionModel):
             return [(name, rows if rows is not None else mlp_rows) for name, rows in targets]
         return targets[0][0]
 
+    def text_encoder_key(self, name: str, layout: str) -> str:
+        """te1 is CLIP-L (kohya ``te1``, diffusers ``text_encoder``); te2 is T5, which diffusers calls
+        ``text_encoder_2`` but kohya's sd-scripts and ComfyUI call ``te3`` (they number encoders by
+        kind, as SD3 does: te1 CLIP-L, te2 CLIP-G, te3 T5)."""
+        # ComfyUI's comfy/lora.py (model_lora_keys_clip) maps a t5xxl layer to
+        # "lora_te3_<HF T5 module path, dots as underscores>" and, when CLIP-L is present without
+        # CLIP-G (Flux), also to lora_te2_ (OneTrainer's Flux files); CLIP-L layers to
+        # "lora_te1_text_model_encoder_layers_<i>_<...>". We write te3, the name both tools read.
+        if layout == "original" and name == "te2":
+            return "te3"
+        return super().text_encoder_key(name, layout)
+
     def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
         state = ((k, v.detach()) for k, v in self.backbone.state_dict().items())
         if layout == "diffusers":

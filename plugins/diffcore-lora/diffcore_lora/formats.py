@@ -167,7 +167,8 @@ def parse(
     """
     if is_peft(list(tensors)):
         return _parse_peft(tensors, metadata, pool, where)
-    by_name = {t.kohya: t for t in pool}
+    by_name = {alias: t for t in pool for alias in t.kohya_aliases}
+    by_name.update({t.kohya: t for t in pool})
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in tensors.items():

@@ -4,7 +4,10 @@ The model plugin names its backbone layers in the published layouts (``model.ada
 layout)``); this plugin builds the file names on them: kohya "lora_unet_<original name with
 underscores>"; PEFT "<diffusers component>.<diffusers path>", or for a fused layer a list of
 (diffusers path, rows) whose lora_B rows it owns. Text encoders use kohya "lora_<te>_" over HF
-module names and diffusers "text_encoder[_N]." prefixes.
+module names and diffusers "<component>." prefixes, both named by the model
+(``model.text_encoder_key(name, layout)``): Flux's T5 is kohya ``te3`` (as in sd-scripts and ComfyUI)
+but diffusers ``text_encoder_2``. Files that older diffcore wrote under the frozen name itself
+(``lora_te2_`` for Flux's T5) are still read.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from diffcore_lora.layers import supports
 BACKBONE = "backbone"
 #: kohya's prefix for backbone layers, whatever the architecture (UNet or transformer)
 KOHYA_BACKBONE = "lora_unet_"
-# diffusers' component names for diffcore's frozen text-encoder names
-TEXT_ENCODER_PREFIX = {"te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3"}
 
 
 @attrs.define
@@ -37,6 +38,8 @@ class Target:
     peft: list[tuple[str, slice | None]]
     # other PEFT names read as this layer (never written): CLIP paths with and without ``text_model.``
     aliases: list[str] = attrs.field(factory=list)
+    # other kohya names read as this layer (never written): older diffcore files' text-encoder names
+    kohya_aliases: list[str] = attrs.field(factory=list)
 
     @property
     def ident(self) -> str:
@@ -79,6 +82,8 @@ def _backbone_names(
 def candidates(model: Any, components: Iterable[str], *, peft_override: str | None = None) -> list[Target]:
     """Every adaptable layer of the named components ("backbone" and frozen text-encoder names)."""
     prefix = peft_prefix(model, peft_override)
+    kohya_te = {name: model.text_encoder_key(name, "original") for name in model.frozen}
+    taken = set(kohya_te.values())
     out: list[Target] = []
     for component in components:
         if component == BACKBONE:
@@ -97,11 +102,15 @@ def candidates(model: Any, components: Iterable[str], *, peft_override: str | No
             else:
                 # kohya files use the published names; PEFT files the module paths PEFT injects by
                 published = _published_text_path(root, path)
-                kohya = f"lora_{component}_" + published.replace(".", "_")
-                te_prefix = TEXT_ENCODER_PREFIX.get(component, component)
+                flat = published.replace(".", "_")
+                kohya = f"lora_{kohya_te[component]}_{flat}"
+                te_prefix = model.text_encoder_key(component, "diffusers")
                 peft = [(f"{te_prefix}.{path}", None)]
                 aliases = [f"{te_prefix}.{published}"] if published != path else []
-                out.append(Target(component, path, layer, kohya, peft, aliases))
+                # older diffcore wrote the frozen name itself (lora_te2_ for Flux's T5): still read
+                # it, unless that is another encoder's kohya name
+                legacy = [f"lora_{component}_{flat}"] if component not in taken else []
+                out.append(Target(component, path, layer, kohya, peft, aliases, legacy))
                 continue
             out.append(Target(component, path, layer, kohya, peft))
     return out
