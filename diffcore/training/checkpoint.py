@@ -6,15 +6,19 @@ versions), per-rank RNG states, the EMA, the method's and callbacks' own state (
 exported trainable weights (``model.safetensors`` or ``adapter.safetensors``, and
 ``<name>.safetensors`` per method module). It is written under ``.tmp-step-<N>`` and renamed
 into place only when complete, so a crash or kill while saving leaves the previous checkpoint as it
-was and never a half-written ``step-<N>``.
+was and never a half-written ``step-<N>``. ``manifest.json`` (written last) records every file's size
+and checksum; ``--resume`` checks the newest checkpoint against it and falls back to the newest
+intact one, naming what is damaged.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,14 @@ import torch
 from safetensors.torch import load_file
 
 from diffcore.errors import UserError
-from diffcore.training.distributed import barrier
+from diffcore.training.distributed import barrier, broadcast_int
+from diffcore.training.manifest import MANIFEST, damage, write_manifest
 from diffcore.training.state import load_states, save_states
 from diffcore.weights import save_safetensors
 
 STATE_TAG = "deepspeed"
+#: trainer.json "format": 2 marks a checkpoint that has a manifest (older ones are resumed unchecked)
+FORMAT = 2
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -127,10 +134,46 @@ def export_weights(ctx: Any, folder: Path) -> Path:
 
 
 def save_checkpoint(ctx: Any) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically on every rank; prune old ones on rank 0."""
+    """Write ``checkpoints/step-<step>`` atomically on every rank; prune old ones on rank 0.
+
+    A full disk is a one-line error naming the folder and the space needed; what was half-written is
+    removed and the previous checkpoint is untouched.
+    """
     root = checkpoint_root(ctx.output_dir)
     final = root / f"step-{ctx.step}"
     tmp = root / f".tmp-step-{ctx.step}"
+    try:
+        _write_checkpoint(ctx, root, tmp, final)
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        needed = _folder_size(ctx.last_checkpoint) if ctx.last_checkpoint is not None else _folder_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        raise UserError(
+            f"the disk filled up while writing checkpoint step-{ctx.step}: {free / 1e6:.0f} MB free, a checkpoint "
+            f"needs {'about' if ctx.last_checkpoint is not None else 'more than'} {needed / 1e6:.0f} MB",
+            where=str(root),
+            hint="free space (or lower train.keep_last) and pass --resume; the previous checkpoint is intact",
+        ) from None
+    ctx.last_checkpoint = final
+    return final
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (OSError, safetensors' or torch's writer errors, which wrap the OS error in
+    their message) says the disk is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left", "StorageFull", "os error 28", "Disk quota exceeded"))
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def _write_checkpoint(ctx: Any, root: Path, tmp: Path, final: Path) -> None:
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -145,6 +188,7 @@ def save_checkpoint(ctx: Any) -> Path:
         # the method's and callbacks' own state goes in before the rename, so it is never missing
         save_states(tmp / "state", ctx.method, ctx.callbacks)
         state = {
+            "format": FORMAT,
             "step": ctx.step,
             "sampler": ctx.sampler.state_dict(),
             "world_size": ctx.world_size,
@@ -158,6 +202,7 @@ def save_checkpoint(ctx: Any) -> Path:
     if ctx.is_main:
         # trainer.json is the completeness marker: written last, then the folder renamed at once
         os.replace(tmp / "trainer.json.tmp", tmp / "trainer.json")
+        write_manifest(tmp)
         for dirpath, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(dirpath, name), "rb") as f:
@@ -168,8 +213,6 @@ def save_checkpoint(ctx: Any) -> Path:
         _fsync_dir(root)
         prune(ctx.output_dir, ctx.job.train.keep_last)
     barrier()
-    ctx.last_checkpoint = final
-    return final
 
 
 def prune(output_dir: Path, keep_last: int) -> None:
@@ -186,6 +229,49 @@ def clean_stale(output_dir: Path) -> None:
         for child in root.iterdir():
             if child.name.startswith(".tmp-step-"):
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def checkpoint_damage(path: Path, *, uses_ema: bool) -> list[str]:
+    """What is damaged in the checkpoint at ``path`` (empty when it is intact or predates manifests)."""
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        return [f"trainer.json: unreadable ({type(exc).__name__})"]
+    if state.get("format", 1) < FORMAT and not (path / MANIFEST).exists():
+        return []  # written before checkpoints carried a manifest: nothing to check against
+    return damage(path, unused=() if uses_ema else ("ema.safetensors",))
+
+
+def resume_checkpoint(output_dir: Path, *, uses_ema: bool, rank: int) -> Path | None:
+    """The newest intact checkpoint (rank 0 checks, every rank gets its answer), or None if there is
+    none at all. Damaged ones are named on stderr and skipped; if every one is damaged, a UserError
+    names the damaged files."""
+    found = list_checkpoints(output_dir)
+    chosen, damaged = -1, []
+    if rank == 0:
+        for step, path in reversed(found):
+            problems = checkpoint_damage(path, uses_ema=uses_ema)
+            if not problems:
+                chosen = step
+                break
+            damaged.append((path, problems))
+        for path, problems in damaged:
+            fallback = f"resuming from step-{chosen}" if chosen >= 0 else "no intact checkpoint is left"
+            print(f"diffcore: warning: checkpoint {path} is damaged ({'; '.join(problems[:4])}); {fallback}",
+                  file=sys.stderr, flush=True)
+        if chosen < 0 and found:
+            chosen = -2
+    chosen = broadcast_int(chosen)
+    if chosen == -2:
+        names = "; ".join(f"{p.name}: {', '.join(problems[:3])}" for p, problems in damaged) or "see rank 0"
+        raise UserError(
+            f"every checkpoint is damaged: {names}",
+            where=str(checkpoint_root(output_dir)),
+            hint="restore the files from a backup, or move the checkpoints away to start over",
+        )
+    return None if chosen < 0 else checkpoint_root(output_dir) / f"step-{chosen}"
 
 
 def load_checkpoint(ctx: Any, path: Path) -> None:
@@ -211,7 +297,16 @@ def load_checkpoint(ctx: Any, path: Path) -> None:
     rng_file = path / f"rng-rank{ctx.rank}.safetensors"
     if rng_file.exists():
         _set_rng_state(load_file(str(rng_file)))
-    if ctx.ema is not None and (path / "ema.safetensors").exists():
+    elif state["world_size"] == ctx.world_size:
+        raise UserError(f"the checkpoint has no RNG state for rank {ctx.rank}", where=str(path),
+                        hint="restore the file from a backup, or resume from an older checkpoint")
+    if ctx.ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise UserError(
+                "the checkpoint has no EMA weights, but the job sets train.ema_decay",
+                where=str(path),
+                hint="remove train.ema_decay to resume this run, or start a new run to train with an EMA",
+            )
         ctx.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     load_states(path / "state", ctx.method, ctx.callbacks)
 

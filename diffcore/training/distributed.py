@@ -143,3 +143,14 @@ def all_true(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     td.all_reduce(t, op=td.ReduceOp.MIN)
     return bool(t.item())
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if _world() == 1:
+        return value
+    import torch.distributed as td
+
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    td.broadcast(t, src=0)
+    return int(t.item())

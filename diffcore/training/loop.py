@@ -19,9 +19,10 @@ from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
 from diffcore.training.deepspeed_config import deepspeed_config
-from diffcore.training.distributed import all_mean, barrier, init_distributed
+from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed
 from diffcore.training.ema import EMA
 from diffcore.training.modules import TrainedModules, parameter_names
+from diffcore.training.run_lock import RunLock, acquire
 from diffcore.training.schedule import lr_lambda
 from diffcore.training.window import LossWindow
 
@@ -71,22 +72,45 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
     np.random.seed(hash_seed(job.seed, dist.rank, 3) % (2**32))
 
     out = Path(job.output_dir)
-    existing = ckpt.latest_checkpoint(out)
-    if existing is not None and not resume:
+    lock = _take_output_dir(out, dist.rank)
+    try:
+        return _run_locked(job, dist, out, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _take_output_dir(out: Path, rank: int) -> RunLock | None:
+    """Rank 0 checks the output directory and takes its lock; every rank learns whether it could."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = acquire(out)
+        except UserError as exc:
+            error = exc
+    if not all_true(error is None):
+        if lock is not None:
+            lock.release()
+        raise error or UserError("rank 0 could not take the output directory (see its message)", where=str(out))
+    return lock
+
+
+def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
+    newest = ckpt.latest_checkpoint(out)
+    if newest is not None and not resume:
         raise UserError(
-            f"output_dir already holds checkpoints (newest {existing.name})",
+            f"output_dir already holds checkpoints (newest {newest.name})",
             where=str(out),
             hint="pass --resume to continue it, or choose another output_dir",
         )
+    existing = ckpt.resume_checkpoint(out, uses_ema=job.train.ema_decay is not None, rank=dist.rank) if resume else None
     if resume and existing is None and dist.rank == 0:
         print(f"diffcore: no checkpoint in {out} to resume from; starting at step 0", flush=True)
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(out)
-        _write_text_atomic(out / "job.yaml", dump_job(job))
-    barrier()
 
+    _check_precision(job, dist.device)
     dataset = build_component("dataset", job.data.type, job.data.config)
+    # the batching is checked before any model loads: a dataset smaller than one batch fails at once
+    BucketBatchSampler(dataset, job.train.batch_size, world_size=dist.world_size, drop_last=job.train.drop_last)
     cache = _open_cache(job, dataset)
     model_config = job.model.config
     if cache is not None and cache.complete and get_registry().get("model", job.model.type).spec.cache_aware:
@@ -155,12 +179,18 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
         ctx.ema = EMA(trainable, names, job.train.ema_decay)
 
     sampler = BucketBatchSampler(
-        dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size
+        dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size,
+        drop_last=job.train.drop_last,
     )
     ctx.sampler = sampler
-    if resume and existing is not None:
+    if existing is not None:
         ckpt.load_checkpoint(ctx, existing)
         ctx.last_checkpoint = existing
+    # everything is built, validated and loaded: only now write into the output directory
+    if dist.rank == 0:
+        ckpt.clean_stale(out)
+        _write_text_atomic(out / "job.yaml", dump_job(job))
+    barrier()
 
     callbacks = build_callbacks(job)
     ctx.callbacks = callbacks
@@ -188,6 +218,33 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
         save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors", ckpt.file_metadata(ctx))
     barrier()
     return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
+
+
+def _check_precision(job: Job, device: torch.device) -> None:
+    if job.train.mixed_precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise UserError(
+            f"this device ({_device_name(device)}) has no fp16 support in DeepSpeed",
+            where="$.train.mixed_precision",
+            hint="use mixed_precision: bf16 (or no)",
+        )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(device)}"
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu: {model}"
 
 
 def _open_cache(job: Job, dataset: Any) -> Any:
