@@ -103,6 +103,8 @@ class TrainConfig:
     ema_decay: float | None = attrs.field(default=None, validator=_fraction)
     gradient_checkpointing: bool = False
     num_workers: int = attrs.field(default=0, validator=_at_least(0))
+    #: drop a bucket's last, incomplete batch each epoch; false fills it by repeating the bucket's examples
+    drop_last: bool = True
     device: str = "auto"
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
 
