@@ -93,6 +93,8 @@ def llm_config(family: str, config: LLMConfig, source: Source | None = None) -> 
     # hidden_states[k] is layer k's output for k < depth; it is only the final-norm output at depth
     keep = depth if max(config.layers) == depth else max(config.layers) + 1
     fields["num_hidden_layers"] = keep
+    if isinstance(fields.get("layer_types"), list):  # saved configs list one attention type per layer
+        fields["layer_types"] = fields["layer_types"][:keep]
     return config_class(**fields)
 
 
