@@ -123,3 +123,19 @@ def test_nothing_usable_is_an_error(tmp_path):
         build_component("dataset", "folder", options(tmp_path))
     with pytest.raises(UserError, match="folder not found"):
         build_component("dataset", "folder", options(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("default_caption", [None, "a photo"])
+def test_a_caption_that_is_not_utf8_is_reported_not_replaced(tmp_path, default_caption):
+    for name in ("good", "latin1"):
+        draw_image(tmp_path / f"{name}.png", 64, 64)
+    (tmp_path / "good.txt").write_text("fine")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    ds = build_component("dataset", "folder", options(tmp_path, default_caption=default_caption))
+    assert [ds[i]["captions"] for i in range(len(ds))] == ["fine"]
+    assert [(Path(p.path).name, p.reason) for p in ds.problems] == [
+        ("latin1.png", "caption latin1.txt is not UTF-8 text (byte 3: unexpected end of data); save it as UTF-8")
+    ]
+    with pytest.raises(UserError) as err:
+        build_component("dataset", "folder", options(tmp_path, default_caption=default_caption, on_bad_data="error"))
+    assert err.value.where == str(tmp_path / "latin1.png") and "not UTF-8" in err.value.message

@@ -24,7 +24,8 @@ class Record:
     label: int | None = None
     mask: Path | None = None
     control: Path | None = None
-    reference: Path | None = None
+    #: one image, or several in order (a list in a JSON metadata file: multi-reference editing)
+    reference: Path | tuple[Path, ...] | None = None
     #: where the example comes from, for messages ("metadata.jsonl:12")
     origin: str = ""
 
@@ -43,14 +44,18 @@ def _images_under(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def _read_caption(image: Path, ext: str) -> str | None:
+def _read_caption(image: Path, ext: str) -> tuple[str | None, str | None]:
+    """(caption, None), (None, None) when there is no caption file, or (None, why) when the file
+    cannot be read: a damaged caption is reported, never replaced by ``default_caption``."""
     path = image.with_suffix(ext)
     if not path.is_file():
-        return None
+        return None, None
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+        return path.read_text(encoding="utf-8").strip(), None
+    except UnicodeDecodeError as exc:
+        return None, f"caption {path.name} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+    except OSError as exc:
+        return None, f"cannot read caption {path.name}: {exc.strerror or exc}"
 
 
 def list_folder(
@@ -69,11 +74,17 @@ def list_folder(
         names = [d.name for d in subdirs]
         for label, folder in enumerate(subdirs):
             for image in _images_under(folder):
-                caption = _read_caption(image, caption_ext)
+                caption, bad = _read_caption(image, caption_ext)
+                if bad is not None:
+                    problems.append((str(image), bad))
+                    continue
                 records.append(Record(image, caption if caption is not None else default_caption, label))
         return Listing(records, names, problems)
     for image in _images_under(root):
-        caption = _read_caption(image, caption_ext)
+        caption, bad = _read_caption(image, caption_ext)
+        if bad is not None:
+            problems.append((str(image), bad))
+            continue
         if caption is None:
             caption = default_caption
             if caption is None:
@@ -163,6 +174,12 @@ def list_metadata(
         path = Path(str(value))
         return path if path.is_absolute() else base / path
 
+    def paths_of(value: Any) -> Path | tuple[Path, ...] | None:
+        if not isinstance(value, list):
+            return path_of(value)
+        paths = tuple(p for p in (path_of(v) for v in value) if p is not None)
+        return paths or None
+
     records: list[Record] = []
     problems: list[tuple[str, str]] = []
     for origin, row in rows:
@@ -184,7 +201,7 @@ def list_metadata(
                 label,
                 path_of(row.get(mask_col)) if mask_col else None,
                 path_of(row.get(control_col)) if control_col else None,
-                path_of(row.get(reference_col)) if reference_col else None,
+                paths_of(row.get(reference_col)) if reference_col else None,
                 origin,
             )
         )
