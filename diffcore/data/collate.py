@@ -6,7 +6,8 @@ from typing import Any
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors (and dicts of tensors), turn ints into a tensor, keep strings as lists."""
+    """Stack tensors (dicts of tensors, lists of tensors per position), turn ints into a tensor, keep strings
+    as lists."""
     import torch
 
     out: dict[str, Any] = {}
@@ -17,6 +18,9 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = torch.stack(values)
         elif isinstance(first, dict):
             out[key] = collate(values)
+        elif isinstance(first, list) and first and all(isinstance(v, torch.Tensor) for v in first):
+            # several images per example (references): one batch tensor per position
+            out[key] = [torch.stack([v[i] for v in values]) for i in range(len(first))]
         elif isinstance(first, bool) or not isinstance(first, int):
             out[key] = values
         else:

@@ -41,6 +41,13 @@ def report(problems: list[DataProblem], total: int, where: str) -> str:
     return f"{where}: skipped {len(problems)} of {total} examples ({shown}{more})"
 
 
+def references(record: Record) -> tuple[Path, ...]:
+    """A record's reference images in order (none, one or several)."""
+    if record.reference is None:
+        return ()
+    return record.reference if isinstance(record.reference, tuple) else (record.reference,)
+
+
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 HWC (or HW) -> float CHW in [-1, 1] (or 1HW in [0, 1] for masks)."""
     # numpy, single-threaded: torch's elementwise ops on small images in loader workers cost more in
@@ -132,9 +139,9 @@ class ImageDataset:
         decode = self.options.scan == "decode"
         try:
             height, width = self._sizes.probe(record.image, decode=decode)
-            for extra in (record.mask, record.control, record.reference):
-                if extra is not None:
-                    self._sizes.probe(extra, decode=decode)
+            extras = [("mask", record.mask), ("control", record.control)]
+            extras += [("reference", path) for path in references(record)]
+            sizes = [(name, path, self._sizes.probe(path, decode=decode)) for name, path in extras if path is not None]
         except BadImage as exc:
             return DataProblem(str(record.image), str(exc))
         opts = self.options
@@ -149,6 +156,18 @@ class ImageDataset:
         )
         if isinstance(placement, str):
             return DataProblem(str(record.image), placement)
+        for name, path, (h, w) in sizes:
+            if name == "mask" and (h, w) != (height, width):
+                return DataProblem(str(path), f"mask {w}x{h} does not match its image {width}x{height}")
+            # a reference is resized with its image: one of another aspect would be stretched
+            stretch = abs(w * placement.resized[0] / h - placement.resized[1])
+            if name == "reference" and stretch > opts.bucket_step:
+                return DataProblem(
+                    str(path),
+                    f"reference {w}x{h} would be stretched to its image's {placement.resized[1]}x"
+                    f"{placement.resized[0]} (bucket {placement.bucket[1]}x{placement.bucket[0]}): crop it to "
+                    f"the image's aspect ratio",
+                )
         return placement
 
     def _fields(self) -> set[str]:
@@ -167,6 +186,18 @@ class ImageDataset:
                     f"{len(missing)} examples have no {name} image while others do (first: {missing[0].origin or missing[0].image})",
                     where=self.where,
                 )
+        counts = {len(references(r)) for r in self.records}
+        if any(isinstance(r.reference, tuple) for r in self.records):
+            if len(counts) > 1:  # a batch stacks each reference position
+                raise UserError(
+                    f"examples list different numbers of reference images ({', '.join(map(str, sorted(counts)))})",
+                    where=self.where,
+                    hint="give every example the same number of references",
+                )
+            self.records = [
+                attrs.evolve(r, reference=references(r)) if not isinstance(r.reference, tuple) else r
+                for r in self.records
+            ]
         return fields
 
     # -- the Dataset protocol --------------------------------------------------------------------
@@ -222,8 +253,13 @@ class ImageDataset:
             else:
                 out["mask"] = to_tensor(fit(load(record.mask, "L"), *geometry))
         for name in ("control", "reference"):
-            if name in self.fields:
-                out[name] = to_tensor(fit(load(getattr(record, name), "RGB"), *geometry))
+            if name not in self.fields:
+                continue
+            value = getattr(record, name)
+            if isinstance(value, tuple):  # several references: a list, stacked per position by collate
+                out[name] = [to_tensor(fit(load(path, "RGB"), *geometry)) for path in value]
+            else:
+                out[name] = to_tensor(fit(load(value, "RGB"), *geometry))
         return out
 
     def example(
