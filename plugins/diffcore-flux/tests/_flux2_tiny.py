@@ -97,21 +97,41 @@ def text_encoder(dev: bool, seed: int = 5, hidden: int = TEXT_HIDDEN):
     return _randomize(Mistral3ForConditionalGeneration(config), seed)
 
 
-def write_pipeline(root: Path, dev: bool, seed: int = 0, **transformer) -> dict:
-    """A diffusers-layout Flux.2 folder (no VAE) and the reference components it was written from."""
+def reference_vae(seed: int = 3):
+    """A tiny AutoencoderKLFlux2 (downscale 2, patchified 2x2: 16 channels at 1/4 size), random
+    batch-norm statistics included."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, **VAE
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim == 1 else 1 / p[0].numel() ** 0.5))
+        vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=g))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    return vae.eval()
+
+
+def write_pipeline(root: Path, dev: bool, seed: int = 0, vae: bool = False, **transformer) -> dict:
+    """A diffusers-layout Flux.2 folder (the VAE only when asked) and the reference components it was
+    written from."""
     parts = dict(
         transformer=reference_transformer(dev, seed, **transformer),
         text_encoder=text_encoder(dev, seed + 5),
         tokenizer=llm_tokenizer(bos=dev),
     )
+    if vae:
+        parts["vae"] = reference_vae(seed + 3)
     for name, part in parts.items():
         part.save_pretrained(root / name)
     return parts
 
 
 def model_options(dev: bool, **more) -> dict:
-    """diffcore.load_model("flux2", ...) options matching the tiny pipeline."""
-    return dict(
-        variant=variant(dev), text_layers=list(LAYERS), max_sequence_length=MAX_LEN, shape={"axes_dim": list(AXES)},
-        **more,
-    )  # fmt: skip
+    """diffcore.load_model("flux2", ...) options matching the tiny pipeline (``more`` wins)."""
+    base = dict(
+        variant=variant(dev), text_layers=list(LAYERS), max_sequence_length=MAX_LEN, shape={"axes_dim": list(AXES)}
+    )
+    return {**base, **more}

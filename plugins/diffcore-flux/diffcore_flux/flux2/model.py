@@ -23,7 +23,8 @@ ADAPTER_TARGETS = [
     r"^double_blocks\.\d+\.(img|txt)_mlp\.(0|2)$",
     r"^single_blocks\.\d+\.(linear1|linear2)$",
 ]
-#: mask channels per latent position in the channel-concatenation Fill form: 16 x 16 pixels
+#: pixels per latent position along a side of the released models (8x VAE, 2x2 patch): the
+#: channel-concatenation Fill form folds a mask's 16 x 16 cell into 256 input channels
 MASK_FACTOR = 16
 
 FillForm = Literal["reference", "concat"]
@@ -70,13 +71,18 @@ class Flux2Model(DiffusionModel):
             )
         if shape.in_channels == c:
             return "reference"
-        if shape.in_channels == 2 * c + MASK_FACTOR**2:
+        if shape.in_channels == 2 * c + self.mask_factor**2:
             return "concat"
         raise UserError(
             f"a transformer taking {shape.in_channels} input channels for {c} latent channels is neither "
-            f"plain ({c}) nor a channel-concatenation Fill model ({2 * c + MASK_FACTOR**2})",
+            f"plain ({c}) nor a channel-concatenation Fill model ({2 * c + self.mask_factor**2})",
             where="$.model.pretrained",
         )
+
+    @property
+    def mask_factor(self) -> int:
+        """Pixels per latent position along a side: what a mask cell folds into channels."""
+        return int(self.autoencoder.downscale) if self.autoencoder is not None else MASK_FACTOR
 
     @property
     def train_guidance(self) -> float:
@@ -155,7 +161,7 @@ class Flux2Model(DiffusionModel):
                 )
             masked = source * (1 - mask.to(source.dtype))
             latents = self.encode_images(masked)
-            folded = edit.fold_mask(mask, MASK_FACTOR).to(latents.dtype)
+            folded = edit.fold_mask(mask, self.mask_factor).to(latents.dtype)
             cond["concat"] = torch.cat((latents, folded), dim=1)
             return cond
         source_latents = self.encode_images(source)
