@@ -112,12 +112,20 @@ class Branch(nn.Module):
                 raise UserError(
                     f"{name} has shape {tuple(value.shape)}, the attached adapter expects {tuple(param.shape)}",
                     where=where,
-                    hint="set the adapter's rank (and factor) to those the file was trained with",
+                    hint=self._mismatch_hint(tuple(value.shape), tuple(param.shape)),
                 )
         with torch.no_grad():
             for name, value in tensors.items():
                 param = self._param_of(name)
                 param.copy_(value.reshape(param.shape).to(device=param.device, dtype=param.dtype))
+
+    def _mismatch_hint(self, found: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        """Say which setting differs: the rank, when only rank-sized dimensions differ; otherwise the
+        layer's own width, which no adapter setting can change."""
+        differing = [e for f, e in zip(found, expected) if f != e] if len(found) == len(expected) else [None]
+        if differing and all(e == self.rank for e in differing):
+            return "set the adapter's rank (and factor) to those the file was trained with"
+        return "the layer's width differs: the file was trained for another architecture or model size"
 
     def _param_of(self, kohya_name: str) -> nn.Parameter:
         return getattr(self, kohya_name.removesuffix(".weight").replace(".", "_"))
@@ -255,6 +263,14 @@ class DoraBranch(LoraBranch):
         out = super().kohya_tensors()
         out["dora_scale"] = self.magnitude.view(-1, *(1,) * (1 + len(self.kernel)))
         return out
+
+    def _mismatch_hint(self, found: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        """Say which setting differs: the rank, when only rank-sized dimensions differ; otherwise the
+        layer's own width, which no adapter setting can change."""
+        differing = [e for f, e in zip(found, expected) if f != e] if len(found) == len(expected) else [None]
+        if differing and all(e == self.rank for e in differing):
+            return "set the adapter's rank (and factor) to those the file was trained with"
+        return "the layer's width differs: the file was trained for another architecture or model size"
 
     def _param_of(self, kohya_name: str) -> nn.Parameter:
         return self.magnitude if kohya_name == "dora_scale" else super()._param_of(kohya_name)

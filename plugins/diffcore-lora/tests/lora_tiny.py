@@ -28,9 +28,9 @@ class Block(nn.Module):
 
 
 class TinyNet(nn.Module):
-    def __init__(self):
+    def __init__(self, dim: int = 16):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([Block(dim), Block(dim)])
 
     def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []

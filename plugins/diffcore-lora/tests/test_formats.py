@@ -149,8 +149,18 @@ def test_load_reports_mismatches(tmp_path):
     adapter.save(path)
     other = NetworkAdapter(LoraConfig(rank=8), kind="lora")
     other.attach(_model())
-    with pytest.raises(UserError, match="rank"):
+    with pytest.raises(UserError) as err:
         other.load(path)
+    assert "set the adapter's rank (and factor)" in err.value.render()
+    # a model of another width (another architecture or size): the hint names the width, not the rank
+    torch.manual_seed(0)
+    wide = TinyModel(TinyNet(dim=24), frozen={"te1": TinyTextEncoder()}, latent_channels=4)
+    wide.architecture = "tiny"
+    same_rank = NetworkAdapter(LoraConfig(rank=4), kind="lora")
+    same_rank.attach(wide)
+    with pytest.raises(UserError) as err:
+        same_rank.load(path)
+    assert "the layer's width differs" in err.value.render() and "rank" not in err.value.hint
     sd = load_file(path)
     sd["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(4, 16)
     bad = tmp_path / "bad.safetensors"
