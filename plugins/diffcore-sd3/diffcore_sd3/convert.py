@@ -64,6 +64,11 @@ def diffusers(shape: TransformerShape) -> KeyMap:
     return KeyMap.of((swapped, *_RULES), {"dim": shape.hidden_size}, name="diffusers")
 
 
+def swapped_modules(shape: TransformerShape) -> tuple[str, ...]:
+    """Native modules whose output halves diffusers stores in the other order."""
+    return ("final_layer.adaLN_modulation.1", f"joint_blocks.{shape.depth - 1}.context_block.adaLN_modulation.1")
+
+
 def diffusers_modules(path: str, shape: TransformerShape) -> str | list[tuple[str, int | None]] | None:
     """The diffusers module holding native module ``path``, or for a fused qkv the three modules
     with the rows each owns; None if unmapped."""

@@ -25,6 +25,13 @@ ADAPTER_TARGETS = [
 ]
 
 
+def _targets(depth: int) -> list[str]:
+    # The last block's text modulation is stored with its halves swapped in diffusers: a LoRA on it has
+    # no PEFT form (its lora_B rows would have to be swapped too), so it is not a default target.
+    modulation = rf"^(?!joint_blocks\.{depth - 1}\.context_block\.)" + ADAPTER_TARGETS[2].removeprefix("^")
+    return [*ADAPTER_TARGETS[:2], modulation]
+
+
 class SD3Model(DiffusionModel):
     """SD3 medium or SD3.5 large / large-turbo / medium under the diffcore model contract.
 
@@ -54,6 +61,7 @@ class SD3Model(DiffusionModel):
         )
         self.config = config
         self.base_model = str(config.pretrained or "")
+        self.adapter_targets = _targets(backbone.shape.depth)
         self.text = text
 
     # -- latents ---------------------------------------------------------------------------------
@@ -130,9 +138,11 @@ class SD3Model(DiffusionModel):
     # -- adapters and export ---------------------------------------------------------------------
     def adapter_key(self, module_path: str, layout: Literal["original", "diffusers"]) -> AdapterKey:
         """original: the Stability path (the backbone's own names); diffusers: the diffusers path, or
-        for a fused ``qkv`` its three thirds."""
+        for a fused ``qkv`` its three thirds; None for the modulations diffusers stores swapped."""
         if layout == "original":
             return module_path
+        if module_path in convert.swapped_modules(self.backbone.shape):
+            return None  # diffusers stores it with its halves swapped: no PEFT counterpart
         return convert.diffusers_modules(module_path, self.backbone.shape)
 
     def export_state_dict(self, layout: Literal["original", "diffusers"] = "diffusers") -> dict[str, torch.Tensor]:

@@ -152,13 +152,16 @@ def test_adapter_names_and_contract_facts(tmp_path):
     )
     assert model.adapter_key("joint_blocks.0.x_block.attn2.qkv", "diffusers")[0][0] == "transformer_blocks.0.attn2.to_q"
     assert model.adapter_key("joint_blocks.0.context_block.mlp.fc2", "diffusers") == "transformer_blocks.0.ff_context.net.2"
-    assert model.adapter_key("joint_blocks.2.context_block.adaLN_modulation.1", "diffusers") == (
-        "transformer_blocks.2.norm1_context.linear"
+    assert model.adapter_key("joint_blocks.1.context_block.adaLN_modulation.1", "diffusers") == (
+        "transformer_blocks.1.norm1_context.linear"
     )
     targets = [n for n, _ in model.backbone.named_modules() if any(re.search(p, n) for p in model.adapter_targets)]
     # 3 blocks: x stream qkv, proj, fc1, fc2, mod (+ attn2 qkv, proj in blocks 0-1); text stream the
-    # same but the last block's has only qkv and its modulation
-    assert len(targets) == 3 * 5 + 2 * 2 + 2 * 5 + 2
+    # same but the last block's has only qkv (its modulation is stored swapped in diffusers: no PEFT form)
+    assert len(targets) == 3 * 5 + 2 * 2 + 2 * 5 + 1
+    assert "joint_blocks.2.context_block.adaLN_modulation.1" not in targets
+    assert model.adapter_key("joint_blocks.2.context_block.adaLN_modulation.1", "diffusers") is None
+    assert model.adapter_key("final_layer.adaLN_modulation.1", "diffusers") is None
     assert all(isinstance(model.backbone.get_submodule(n), torch.nn.Linear) for n in targets)
     assert model.repeated_blocks() == ["joint_blocks"]
     assert isinstance(model.backbone.get_submodule("joint_blocks"), torch.nn.ModuleList)
