@@ -14,7 +14,7 @@ import torch
 import diffcore
 from diffcore.control import ControlTrunk
 from diffcore.errors import UserError
-from diffcore.model import DiffusionModel
+from diffcore.model import DiffusionModel, TokenTable
 from diffcore.text_encoders import grad_if_trainable
 from diffcore.weights import Checkpoint, has_prefix, save_safetensors
 from diffcore_sdxl import loading
@@ -93,6 +93,17 @@ class SDModel(DiffusionModel):
         ids = tokenize_windows(self.tokenizers[slot], captions, min_windows=windows)
         with grad_if_trainable(encoder):  # a text-encoder adapter trains through it
             return encode_windows(encoder, ids, layer)
+
+    def token_tables(self) -> dict[str, TokenTable]:
+        """The CLIP tokenizers and token embeddings: ``clip_l`` (SD1.x, and SDXL's first encoder),
+        ``clip_h`` (SD2.x's OpenCLIP ViT-H), ``clip_g`` (SDXL's OpenCLIP bigG); empty when the
+        text encoders were not loaded."""
+        names = {"sd15": ("clip_l",), "sd21": ("clip_h",), "sdxl": ("clip_l", "clip_g")}[self.family]
+        return {
+            name: TokenTable(self.tokenizers[slot], self.frozen[slot].get_input_embeddings())
+            for name, slot in zip(names, ("te1", "te2"))
+            if slot in self.frozen and self.tokenizers.get(slot) is not None
+        }
 
     def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``captions`` -> ``context`` (B, L, D); SDXL adds ``pooled`` (B, 1280) and ``time_ids``
@@ -288,6 +299,7 @@ def build_model(config: SDConfig) -> SDModel:
 
     if source is None:
         unet_cfg = loading.preset_unet(family, config.unet)
+        loading.check_unet(unet_cfg, None)
         unet = loading.load_unet(unet_cfg, None, original=False, where="random")
         encoders = {s: loading.random_text_encoder(family, s, overrides[s]) for s in slots}
         tokenizers = _tokenizers(config, None) if slots else {}
@@ -302,6 +314,7 @@ def build_model(config: SDConfig) -> SDModel:
         unet_cfg = loading._evolve(
             UNetConfig.from_diffusers(raw, str(source / "unet")), config.unet, "$.model.unet"
         )
+        loading.check_unet(unet_cfg, str(source / "unet" / "config.json"))
         unet = loading.load_unet(
             unet_cfg, Checkpoint(source / "unet"), original=False, where=str(source / "unet")
         )
@@ -324,6 +337,7 @@ def build_model(config: SDConfig) -> SDModel:
             projection = loading.TEXT_PREFIXES[family]["te2"][0] + "text_projection"
             pooled = ckpt.get(projection).shape[1] if projection in ckpt else encoders["te2"].config.projection_dim
         unet_cfg = loading.infer_unet(ckpt, family, config.unet, pooled)
+        loading.check_unet(unet_cfg, str(source))
         unet = loading.load_unet(unet_cfg, ckpt, original=True, where=str(source))
         tokenizers = _tokenizers(config, None) if slots else {}
 
