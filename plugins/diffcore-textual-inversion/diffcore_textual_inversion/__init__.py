@@ -1,0 +1,1 @@
+"""Textual inversion as a diffcore method plugin."""
