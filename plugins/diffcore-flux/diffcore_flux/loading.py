@@ -65,13 +65,41 @@ def _check_variant(shape: TransformerShape, config: FluxConfig, where: str) -> N
         )
 
 
+def check_shape(shape: TransformerShape, source: str | None = None, axes_option: str = "$.model.axes_dim") -> None:
+    """Sizes that cannot build a transformer are a user error naming the option to set: a file fixes
+    the head size through its tensors, but a single file does not store the RoPE split (axes_dim).
+    ``source``: the file the sizes were read from (None: the model section's own sizes)."""
+    dim, heads = shape.hidden_size, shape.num_heads
+    if heads < 1 or dim % heads:
+        raise UserError(
+            f"hidden size {dim} does not split into {heads} heads",
+            where=source or "$.model.num_heads",
+            hint=None if source else "set hidden_size to a multiple of num_heads",
+        )
+    head = dim // heads
+    axes = list(shape.axes_dim)
+    if sum(axes) != head or any(a <= 0 or a % 2 for a in axes):
+        read = f"{source} has hidden size {dim} in {heads} heads" if source else f"hidden_size {dim}, num_heads {heads}"
+        raise UserError(
+            f"axes_dim {axes} must be even sizes summing to the head size {head}: {read}",
+            where=axes_option,
+            hint=f"set axes_dim to even sizes that sum to {head}; BFL's 128-wide heads use [16, 56, 56]",
+        )
+
+
 def load_transformer(located: Located, config: FluxConfig, dtype: torch.dtype) -> FluxTransformer:
     """A Flux transformer from a diffusers folder, BFL's (or ComfyUI's) single file, or a single file
     with diffusers key names; streamed into a module built on the meta device."""
     where = located.where
     checkpoint = located.checkpoint()
     if located.config is not None:
-        return _from_diffusers(checkpoint.items(), located.config, config, dtype, where)
+        # a folder's config.json states its own axes_dims_rope, which wins over the job's axes_dim
+        axes_option = (
+            f"{located.path / 'config.json'}: axes_dims_rope"
+            if "axes_dims_rope" in located.config
+            else "$.model.axes_dim"
+        )
+        return _from_diffusers(checkpoint.items(), located.config, config, dtype, where, axes_option)
     keys = checkpoint.keys()
     prefix = convert.original_prefix(keys)
     if prefix + "img_in.weight" not in checkpoint:
@@ -91,6 +119,7 @@ def load_transformer(located: Located, config: FluxConfig, dtype: torch.dtype) -
     shape = convert.shape_from_original(
         own, lambda k: tuple(checkpoint.get(prefix + k).shape), config.axes_dim, config.theta
     )
+    check_shape(shape, where)
     _check_variant(shape, config, where)
     with empty_weights():
         backbone = FluxTransformer(shape)
@@ -100,9 +129,15 @@ def load_transformer(located: Located, config: FluxConfig, dtype: torch.dtype) -
 
 
 def _from_diffusers(
-    items, diffusers_config: dict[str, Any], config: FluxConfig, dtype: torch.dtype, where: str
+    items,
+    diffusers_config: dict[str, Any],
+    config: FluxConfig,
+    dtype: torch.dtype,
+    where: str,
+    axes_option: str = "$.model.axes_dim",
 ):
     shape = attrs.evolve(convert.shape_from_diffusers_config(diffusers_config), theta=config.theta)
+    check_shape(shape, where, axes_option)
     _check_variant(shape, config, where)
     with empty_weights():
         backbone = FluxTransformer(shape)
@@ -118,7 +153,9 @@ def build_flux(config: FluxConfig) -> FluxModel:
     if sources.transformer is not None:
         backbone = load_transformer(sources.transformer, config, dtype)
     else:
-        backbone = FluxTransformer(config.shape()).to(dtype)
+        shape = config.shape()
+        check_shape(shape)
+        backbone = FluxTransformer(shape).to(dtype)
     text = None
     if config.load_encoders and any(
         p is not None
