@@ -136,8 +136,29 @@ def text_encoders(seed: int = 0):
     return clip_l, clip_g, t5
 
 
-def write_pipeline(root: Path, name: str = "sd35-medium", seed: int = 0, t5: bool = True) -> dict:
-    """A diffusers-layout SD3 folder (no VAE) and the reference components it was written from."""
+def write_vae(folder: Path, seed: int = 0) -> None:
+    """A tiny SD3-style (16 channels, no quant convs) diffusers autoencoder folder, 2x downscale."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    ).save_pretrained(folder)
+
+
+def write_pipeline(
+    root: Path, name: str = "sd35-medium", seed: int = 0, t5: bool = True, vae: bool = False
+) -> dict:
+    """A diffusers-layout SD3 folder (VAE only when asked) and the reference components it was written from."""
     transformer = reference_transformer(name, seed)
     clip_l, clip_g, t5_model = text_encoders(seed + 1)
     tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer("!"), t5_tokenizer()
@@ -155,6 +176,8 @@ def write_pipeline(root: Path, name: str = "sd35-medium", seed: int = 0, t5: boo
         text_encoder_3=None,
         tokenizer_3=None,
     )
+    if vae:
+        write_vae(root / "vae", seed)
     if t5:
         t5_model.save_pretrained(root / "text_encoder_3")
         tok3.save_pretrained(root / "tokenizer_3")
