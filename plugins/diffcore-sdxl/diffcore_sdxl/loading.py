@@ -7,6 +7,7 @@ from-scratch experiments.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,29 @@ def infer_unet(
         **extra,
     )
     return _evolve(cfg, overrides, "$.model.unet")
+
+
+def check_unet(cfg: UNetConfig, source: str | None) -> None:
+    """A UNet shape that cannot be built is a user error naming the option to set. A single file
+    gives the widths but not the norm groups or head counts (SD's 32 groups and the family's heads
+    are assumed); ``source`` is where the shape was read (None: the model section)."""
+    read = f" in {source}" if source else ""
+    channels = list(cfg.block_out_channels)
+    if cfg.norm_groups < 1 or any(c % cfg.norm_groups for c in channels):
+        common = math.gcd(*channels) or 1
+        fit = max(d for d in range(1, min(common, 32) + 1) if common % d == 0)
+        raise UserError(
+            f"the UNet's level widths {channels}{read} do not divide into norm_groups={cfg.norm_groups} groups",
+            where="$.model.unet.norm_groups",
+            hint=f"set model.unet.norm_groups to a divisor of every width, e.g. {fit}",
+        )
+    for level, (width, heads) in enumerate(zip(channels, cfg.heads)):
+        if cfg.attention[level] and (heads < 1 or width % heads):
+            raise UserError(
+                f"level {level} of the UNet is {width} wide{read}, which {heads} attention heads do not divide",
+                where="$.model.unet.heads",
+                hint="set model.unet.heads to one head count per level, each dividing that level's width",
+            )
 
 
 def load_unet(cfg: UNetConfig, source: Checkpoint | None, *, original: bool, where: str) -> UNet:

@@ -299,6 +299,7 @@ def build_model(config: SDConfig) -> SDModel:
 
     if source is None:
         unet_cfg = loading.preset_unet(family, config.unet)
+        loading.check_unet(unet_cfg, None)
         unet = loading.load_unet(unet_cfg, None, original=False, where="random")
         encoders = {s: loading.random_text_encoder(family, s, overrides[s]) for s in slots}
         tokenizers = _tokenizers(config, None) if slots else {}
@@ -313,6 +314,7 @@ def build_model(config: SDConfig) -> SDModel:
         unet_cfg = loading._evolve(
             UNetConfig.from_diffusers(raw, str(source / "unet")), config.unet, "$.model.unet"
         )
+        loading.check_unet(unet_cfg, str(source / "unet" / "config.json"))
         unet = loading.load_unet(
             unet_cfg, Checkpoint(source / "unet"), original=False, where=str(source / "unet")
         )
@@ -335,6 +337,7 @@ def build_model(config: SDConfig) -> SDModel:
             projection = loading.TEXT_PREFIXES[family]["te2"][0] + "text_projection"
             pooled = ckpt.get(projection).shape[1] if projection in ckpt else encoders["te2"].config.projection_dim
         unet_cfg = loading.infer_unet(ckpt, family, config.unet, pooled)
+        loading.check_unet(unet_cfg, str(source))
         unet = loading.load_unet(unet_cfg, ckpt, original=True, where=str(source))
         tokenizers = _tokenizers(config, None) if slots else {}
 
