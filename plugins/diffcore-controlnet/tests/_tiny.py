@@ -89,12 +89,17 @@ def text_encoder(seed: int):
     return CLIPTextModel(config).eval()
 
 
-def unet_folder(root: Path, shape: dict[str, Any], seed: int = 0, *, text: bool = False) -> dict[str, Any]:
-    """A diffusers pipeline folder with a random UNet (and a CLIP text encoder with its tokenizer)."""
+def unet_folder(
+    root: Path, shape: dict[str, Any], seed: int = 0, *, text: bool = False, std: float | None = 0.05
+) -> dict[str, Any]:
+    """A diffusers pipeline folder with a random UNet (every weight drawn with ``std``, or diffusers'
+    own init for None) and optionally a CLIP text encoder with its tokenizer."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = randomize(UNet2DConditionModel(**shape), seed, 0.05).eval()
+    unet = UNet2DConditionModel(**shape).eval()
+    if std is not None:
+        randomize(unet, seed, std)
     unet.save_pretrained(root / "unet")
     parts: dict[str, Any] = {"unet": unet}
     if text:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import SD15_UNET, SDXL_UNET, flux_folder, randomize, unet_folder
-
-import diffcore
-from diffcore.testing import assert_outputs_close
 from diffcore_controlnet import layouts
 from diffcore_controlnet.config import ControlNetConfig
 from diffcore_controlnet.method import ControlNetMethod
+
+import diffcore
+from diffcore.testing import assert_outputs_close
 
 diffusers = pytest.importorskip("diffusers")
 
