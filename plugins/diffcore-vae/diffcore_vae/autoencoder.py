@@ -15,6 +15,7 @@ come back in the input's dtype.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -167,16 +168,31 @@ def _net(config: AutoencoderConfig) -> KLAutoencoderNet:
     )
 
 
-def _check(config: AutoencoderConfig) -> None:
+def _check(config: AutoencoderConfig, source: layouts.Source | None = None) -> None:
+    """Sizes that cannot build the network are a user error naming the option to set. ``source``:
+    the checkpoint the widths were read from (None: the options gave them)."""
     widths = list(config.block_out_channels)
     if isinstance(config, Flux2Config):
         widths += list(config.decoder_block_out_channels or [])
         if len(config.patch_size) != 2 or min(config.patch_size) < 1:
             raise UserError("patch_size must be two positive integers", where="$.patch_size")
-    if not widths or any(w % config.norm_num_groups for w in widths):
+    groups = config.norm_num_groups
+    if not widths or groups < 1 or any(w % groups for w in widths):
+        if source is None:
+            raise UserError(
+                f"every block width must divide into norm_num_groups={groups} groups (got {widths})",
+                where="$.block_out_channels",
+            )
+        common = math.gcd(*widths) or 1
+        fit = max(d for d in range(1, min(common, 32) + 1) if common % d == 0)
+        stated = source.config_json is not None and "norm_num_groups" in source.config_json
         raise UserError(
-            f"every block width must divide into norm_num_groups={config.norm_num_groups} groups (got {widths})",
-            where="$.block_out_channels",
+            f"this autoencoder's block widths {widths} do not divide into norm_num_groups={groups} groups",
+            where=str(Path(source.where) / "config.json") if stated else source.where,
+            # a single file does not record its groups: they come from the options (default 32)
+            hint=f"fix norm_num_groups in that config.json, e.g. {fit}"
+            if stated
+            else f"set the autoencoder option norm_num_groups, e.g. {fit}: a model's vae_options or autoencoder_options",
         )
     down = 2 ** (len(config.block_out_channels) - 1)
     if config.tiling and (
@@ -196,7 +212,7 @@ def build_autoencoder(config: AutoencoderConfig) -> Autoencoder:
         return Autoencoder(net, config)
     source = layouts.locate(config.pretrained)
     config = layouts.architecture(source, config)
-    _check(config)
+    _check(config, source)
     with empty_weights():
         net = _net(config)
     levels = len(config.block_out_channels)

@@ -143,3 +143,19 @@ def test_wrong_input_shapes_are_user_errors():
         ae.encode(torch.zeros(1, 3, 18, 16))
     with pytest.raises(UserError, match=r"latents of shape \(batch, 128"):
         ae.decode(torch.zeros(1, 32, 4, 4))
+
+
+def test_widths_a_single_file_gives_that_the_default_groups_do_not_divide(tmp_path):
+    ae = diffcore.load_autoencoder("sd", block_out_channels=[8, 16], norm_num_groups=8, layers_per_block=1)
+    file = ae.save(tmp_path / "narrow.safetensors", layout="original")
+    with pytest.raises(UserError) as e:  # a single file cannot say its groups: the default 32 is assumed
+        diffcore.load_autoencoder("sd", file)
+    assert e.value.where == str(file) and "[8, 16]" in e.value.message
+    assert "norm_num_groups, e.g. 8" in (e.value.hint or "")
+    assert diffcore.load_autoencoder("sd", file, norm_num_groups=8).config.block_out_channels == [8, 16]
+    folder = ae.save(tmp_path / "vae", layout="diffusers")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "norm_num_groups": 3}))
+    with pytest.raises(UserError) as e:  # a folder's config.json states them, so it is what to fix
+        diffcore.load_autoencoder("sd", folder)
+    assert e.value.where == str(folder / "config.json") and "config.json" in (e.value.hint or "")
