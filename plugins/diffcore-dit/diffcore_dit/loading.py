@@ -120,12 +120,25 @@ def _arch_of(
             where="$.model.num_heads",
             hint="set num_heads",
         )
+    if hidden % heads or (hidden // heads) % 2:
+        stated = "num_attention_heads" in source
+        raise UserError(
+            f"{where} is {hidden} wide, which {heads} attention heads do not split into even head sizes",
+            where=f"{where}/config.json: num_attention_heads" if stated else "$.model.num_heads",
+            hint=f"set num_heads to a head count that divides {hidden} into even sizes",
+        )
     if "sample_size" in source:
         input_size = source["sample_size"]
     elif "pos_embed" in checkpoint:
         input_size = math.isqrt(checkpoint.get("pos_embed").shape[1]) * patch
     else:
         input_size = saved.get("input_size", config.input_size)
+        if input_size % patch:  # a single file without a position table does not say its size
+            raise UserError(
+                f"input_size {input_size} is not divisible by the patch size {patch} of {where}",
+                where="$.model.input_size",
+                hint="set input_size to the (latent) image side the checkpoint was trained at",
+            )
     # diffusers' config default is 1e-5; the original (and diffcore's default) 1e-6
     norm_eps = source.get("norm_eps", 1e-5) if diffusers_config else saved.get("norm_eps", config.norm_eps)
 

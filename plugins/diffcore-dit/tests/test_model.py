@@ -50,6 +50,24 @@ def test_shape_errors_are_user_errors():
         diffcore.load_model("dit", prediction_type="x1", **TINY)
 
 
+def test_single_file_shapes_the_job_must_complete_name_their_options(tmp_path):
+    from safetensors.torch import save_file
+
+    model = diffcore.load_model("dit", **TINY)
+    tensors = {k: v.contiguous() for k, v in model.export_state_dict("original").items()}
+    save_file(tensors, str(tmp_path / "dit.safetensors"))  # no diffcore metadata: heads are the job's
+    with pytest.raises(UserError) as caught:
+        diffcore.load_model("dit", pretrained=str(tmp_path / "dit.safetensors"), num_heads=3)
+    assert caught.value.where == "$.model.num_heads" and "32 wide" in caught.value.message
+    no_grid = {k: v for k, v in tensors.items() if k != "pos_embed"}
+    save_file(no_grid, str(tmp_path / "no_grid.safetensors"))  # nor its input size
+    with pytest.raises(UserError) as caught:
+        diffcore.load_model("dit", pretrained=str(tmp_path / "no_grid.safetensors"), num_heads=2, input_size=18)
+    assert caught.value.where == "$.model.input_size" and "patch size 4" in caught.value.message
+    loaded = diffcore.load_model("dit", pretrained=str(tmp_path / "no_grid.safetensors"), num_heads=2, input_size=16)
+    assert loaded.backbone.arch.num_heads == 2
+
+
 def test_random_model_starts_at_zero_output_and_has_the_null_class():
     model = diffcore.load_model("dit", **TINY)
     assert model.null_label == 4 and model.latent_channels == 3 and model.latent_downscale == 1
