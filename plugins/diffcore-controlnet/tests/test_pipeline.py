@@ -1,0 +1,95 @@
+"""A saved ControlNet in diffusers' own pipeline reproduces diffcore's prediction; the SD1.x single file
+reads back with diffusers' converter for lllyasviel's original layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import SD15_UNET, randomize, unet_folder
+from diffcore_controlnet import layouts
+from diffcore_controlnet.config import ControlNetConfig
+from diffcore_controlnet.method import ControlNetMethod
+
+import diffcore
+from diffcore.testing import assert_outputs_close
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SD1.5 pipeline folder, the diffcore model loaded from it and a trained-looking ControlNet
+    (every weight random) saved in both published layouts."""
+    root = tmp_path_factory.mktemp("sd15")
+    parts = unet_folder(root / "pipe", SD15_UNET, seed=1, text=True)
+    model = diffcore.load_model("sd15", pretrained=str(root / "pipe"), autoencoder=False)
+    method = ControlNetMethod(ControlNetConfig())  # diffusers' embedding widths: control at 8x the latents
+    net = randomize(method.modules(model)["controlnet"], seed=2, std=0.05)
+    state = net.state_dict()
+    folder = layouts.save_folder(net, state, root / "controlnet", {})
+    single = layouts.save_original(net, state, model, root / "controlnet.safetensors", {})
+    return model, method, parts, folder, single
+
+
+def test_a_diffusers_controlnet_pipeline_reproduces_the_prediction(sd15) -> None:
+    model, method, parts, folder, _ = sd15
+    controlnet = diffusers.ControlNetModel.from_pretrained(str(folder)).eval()
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=None,
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        controlnet=controlnet,
+        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def record(module, args, kwargs, output):  # what the pipeline's UNet got and gave
+        seen.append((args[0].clone(), torch.as_tensor(args[1]).clone(), output[0].clone()))
+
+    hook = parts["unet"].register_forward_hook(record, with_kwargs=True)
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))  # [0, 1]
+    try:
+        with torch.no_grad():
+            pipe(
+                "a cat",
+                image=control,
+                height=64,
+                width=64,
+                num_inference_steps=2,
+                guidance_scale=1.0,
+                controlnet_conditioning_scale=0.6,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            )
+    finally:
+        hook.remove()
+    assert len(seen) == 2
+
+    method.config.conditioning_scale = 0.6
+    try:
+        with torch.no_grad():
+            cond = model.encode_conditions({"captions": ["a cat"]})
+            for latents, t, want in seen:
+                got = method.predict(model, latents, t.reshape(1).float(), cond, {"control": control * 2 - 1})
+                assert_outputs_close(got, want, atol=1e-4, what=f"prediction at t={int(t)}")
+                alone = model.predict(latents, t.reshape(1).float(), cond)
+                assert (alone - want).abs().max() > 1e-3  # the ControlNet's part was compared too
+    finally:
+        method.config.conditioning_scale = 1.0
+
+
+def test_the_sd15_single_file_reads_back_with_diffusers_converter(sd15) -> None:
+    from safetensors.torch import load_file
+
+    _, _, _, folder, single = sd15
+    assert all(k.startswith("control_model.") for k in load_file(str(single)))
+    from_file = diffusers.ControlNetModel.from_single_file(str(single), config=str(folder), local_files_only=True)
+    from_folder = diffusers.ControlNetModel.from_pretrained(str(folder))
+    a, b = from_file.state_dict(), from_folder.state_dict()
+    assert set(a) == set(b)
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
