@@ -378,3 +378,21 @@ def test_records_are_registered_and_build_encoders(tmp_path):
     te = found["clip-l"].factory(ClipConfig(pretrained=str(root)))  # the pipeline's text_encoder/
     with torch.no_grad():
         torch.testing.assert_close(te.encode(CAPTIONS).pooled, ref(_ids()).pooler_output, rtol=0, atol=0)
+
+
+def test_clip_width_the_assumed_heads_do_not_split_is_a_user_error(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # 200 wide: a single file gets 200 // 64 = 3 heads, which do not divide it
+    config = CLIPTextConfig(
+        vocab_size=64, hidden_size=200, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77,
+    )  # fmt: skip
+    save_file(CLIPTextModel(config).state_dict(), tmp_path / "clip.safetensors")
+    with pytest.raises(UserError) as caught:
+        load_model("clip-l", ClipConfig(pretrained=str(tmp_path / "clip.safetensors")))
+    assert caught.value.where == str(tmp_path / "clip.safetensors") and "3 attention heads" in caught.value.message
+    model = load_model(
+        "clip-l", ClipConfig(pretrained=str(tmp_path / "clip.safetensors"), options={"num_attention_heads": 2})
+    )
+    assert model.config.num_attention_heads == 2

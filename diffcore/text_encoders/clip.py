@@ -97,7 +97,16 @@ def clip_config(family: str, options: dict[str, Any], source: Source | None = No
         fields = {**_BASE, **source.config}
     else:
         fields = {**_BASE, **PRESETS[family], **_shape(source, family)}
-    return CLIPTextConfig(**{**fields, **options})
+    fields.update(options)
+    width, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        # a single file does not store its head count: 64-wide heads are assumed
+        raise UserError(
+            f"a {width}-wide CLIP tower does not split into {heads} attention heads",
+            where=source.where if source is not None else "num_attention_heads",
+            hint="set num_attention_heads among the text encoder's options to a count dividing its width",
+        )
+    return CLIPTextConfig(**fields)
 
 
 def _model_class(projection: bool) -> type[nn.Module]:
