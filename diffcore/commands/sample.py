@@ -88,6 +88,16 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--mask", default=None, metavar="IMAGE", help="inpainting mask of the first --reference (white = repaint)"
     )
+    gen.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="DIR",
+        help="a diffusers ControlNet folder to steer the model with (needs diffcore-controlnet), with --control",
+    )
+    gen.add_argument("--control", default=None, metavar="IMAGE", help="the control image (same as --input control=IMAGE)")
+    gen.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals (default 1)"
+    )
     gen.add_argument("--count", type=int, default=1, help="images per prompt or label (default 1)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     gen.add_argument("--sampler", default="euler", help=SAMPLERS_HELP)
@@ -197,6 +207,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"image {path!r} not found", where="--mask" if path == args.mask else "--reference")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise UserError(f"must be in [0, 1], got {args.guidance_rescale}", where="--guidance-rescale")
+    if args.controlnet is not None and not Path(args.controlnet).is_dir():
+        raise UserError(f"no such folder {args.controlnet!r}", where="--controlnet", hint="give a diffusers ControlNet folder")
+    if args.control is not None and not Path(args.control).is_file():
+        raise UserError(f"image {args.control!r} not found", where="--control")
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -354,6 +368,15 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
         if not adapter_file.is_file() and not (folder / "model.safetensors").is_file() and not modules:
             raise UserError("neither model.safetensors nor adapter.safetensors here", where=str(folder))
         _load_weights(model, modules, folder)
+    if args.controlnet is not None:
+        if modules:
+            raise UserError(
+                f"the job's method already owns {', '.join(modules)}; --controlnet steers a model sampled plainly",
+                where="--controlnet",
+            )
+        options = {"pretrained": str(args.controlnet), "conditioning_scale": args.controlnet_scale}
+        method = build_component("method", "controlnet", component_config("method", "controlnet", options, where="--controlnet"))
+        modules = method.modules(model)
     for spec in args.adapters:
         path, strength = _parse_adapter(spec)
         _apply_adapter_file(model, args.adapter_type, path, strength)
@@ -380,6 +403,8 @@ def sample_command(args: argparse.Namespace) -> int:
     height = args.height or loaded.resolution or 512
     width = args.width or height
     inputs = dict(_parse_input(spec) for spec in args.inputs)
+    if args.control is not None:
+        inputs["control"] = args.control
     needed = tuple(method.inference_inputs) if method is not None else ()
     missing = [key for key in needed if key not in inputs]
     if missing:
