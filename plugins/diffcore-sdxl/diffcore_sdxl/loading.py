@@ -71,8 +71,13 @@ def infer_unet(
         }
         attention.append(bool(blocks))
         depth.append(len(blocks) or 1)
-    proj = next(k for k in keys if k.endswith("proj_in.weight"))
-    to_k = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+    proj = next((k for k in keys if k.endswith("proj_in.weight")), None)
+    to_k = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+    if proj is None or to_k is None:
+        raise UserError(
+            f"this UNet has no cross-attention layers ({p}*.attn2.to_k), so it is not an SD or SDXL UNet",
+            where=str(ckpt.path),
+        )
     extra: dict[str, Any] = {}
     if "label_emb.0.0.weight" in [*keys]:
         width = shape("label_emb.0.0.weight")[1]

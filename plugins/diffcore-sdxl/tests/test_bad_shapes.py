@@ -47,6 +47,17 @@ def test_heads_that_do_not_divide_a_level_are_named(narrow_file):
     assert model.backbone.config.block_out_channels == (12, 24, 24)
 
 
+def test_a_unet_without_cross_attention_is_named(tmp_path, narrow_file):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(str(narrow_file)).items() if ".1.transformer_blocks." not in k}
+    tensors = {k: v for k, v in tensors.items() if "proj_in" not in k}
+    save_file(tensors, str(tmp_path / "no_attention.safetensors"))
+    with pytest.raises(UserError, match="no cross-attention layers") as caught:
+        diffcore.load_model("sd15", pretrained=str(tmp_path / "no_attention.safetensors"), load_encoders=False)
+    assert caught.value.where == str(tmp_path / "no_attention.safetensors")
+
+
 def test_random_init_options_are_checked():
     with pytest.raises(UserError) as caught:
         diffcore.load_model("sd15", unet={**NARROW, "norm_groups": 8}, load_encoders=False)
