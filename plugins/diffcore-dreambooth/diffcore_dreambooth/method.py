@@ -14,6 +14,7 @@ from diffcore import Problem, UserError
 from diffcore.context import TrainContext
 from diffcore.method import Logs
 from diffcore.methods.diffusion import DiffusionMethod
+from diffcore.model import DiffusionModel
 from diffcore_dreambooth import class_images
 from diffcore_dreambooth.config import DreamBoothConfig
 
@@ -78,19 +79,28 @@ class DreamBoothMethod(DiffusionMethod):
         return problems
 
     # -- set-up ----------------------------------------------------------------------------------
+    def modules(self, model: DiffusionModel) -> dict[str, nn.Module]:
+        """With ``train_text_encoder``, the model's text encoders under their diffusers names: the
+        kernel trains, checkpoints and exports them (``text_encoder.safetensors``, ...)."""
+        if not self.config.train_text_encoder:
+            return {}
+        if not model.frozen:
+            raise UserError(
+                f"{model.architecture or type(model).__name__} has no text encoders to train",
+                where=f"{WHERE}.train_text_encoder",
+                hint="set it to false for this model",
+            )
+        encoders = {model.text_encoder_key(name, "diffusers"): module for name, module in model.frozen.items()}
+        for module in encoders.values():
+            module.requires_grad_(True)
+        return encoders
+
     def setup(self, ctx: TrainContext) -> Iterable[nn.Parameter]:
-        params = list(super().setup(ctx))
-        if self.config.train_text_encoder:
-            encoders = {n: m for n, m in ctx.model.trainable_modules().items() if m is not ctx.model.backbone}
-            if not encoders:
-                raise UserError(
-                    f"{ctx.job.model.type} has no text encoders to train",
-                    where=f"{WHERE}.train_text_encoder",
-                    hint="set it to false for this model",
-                )
-            for module in encoders.values():
-                module.requires_grad_(True)
-                params += list(module.parameters())
+        if ctx.adapter_params is not None:
+            params = list(ctx.adapter_params)
+        else:  # full finetune, whether or not the text encoders train too
+            ctx.model.backbone.requires_grad_(True)
+            params = [p for p in ctx.model.backbone.parameters() if p.requires_grad]
         if self.prior:
             self.class_paths = self.prepare_class_images(ctx)
         return params

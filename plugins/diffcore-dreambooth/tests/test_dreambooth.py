@@ -200,3 +200,52 @@ def test_a_short_class_folder_without_generation_exits_2(tmp_path: Path) -> None
     run = run_job(job, tmp_path / "out", spawn=True, expect_exit=2, plugins=["diffcore_dreambooth.plugin", "diffcore_dit.plugin"])
     assert "$.method.class_dir" in run.stderr and "holds 2 class images" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def instance_folder(root: Path, caption: str, n: int = 2) -> Path:
+    root.mkdir()
+    for i in range(n):
+        pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+        pixels[3 + i : 11 + i, 4:12] = (200, 40 * i, 30)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(caption)
+    return root
+
+
+@pytest.mark.slow
+def test_sd15_with_a_lora_and_its_text_encoder(tmp_path: Path) -> None:
+    """The UNet family: a class prompt, generated class images, a LoRA on the UNet and the whole
+    text encoder training, under ZeRO-2; the text encoder is exported in the diffusers layout."""
+    pytest.importorskip("diffcore_lora")
+    pytest.importorskip("diffcore_sdxl")
+    pytest.importorskip("diffcore_vae")
+    from diffcore_lora import plugin as lora_plugin
+    from diffcore_sdxl import plugin as sdxl_plugin
+    from diffcore_vae import plugin as vae_plugin
+    from tiny_sd import write_pipeline
+
+    parts = write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
+    job = {
+        "name": "dreambooth-sd15",
+        "model": {"type": "sd15", "pretrained": str(tmp_path / "sd15"), "resolution": 16},
+        "adapter": {"type": "lora", "rank": 2},
+        "method": {
+            "type": "dreambooth", "class_prompt": "a photo of a toy", "num_class_images": 2, "generation_batch": 2,
+            "sample_steps": 2, "train_text_encoder": True,
+        },
+        "data": {"type": "folder", "path": str(instance_folder(tmp_path / "data", "a photo of sks toy")), "resolution": 16,
+                 "buckets": False, "bucket_step": 16},
+        "train": {"steps": 2, "batch_size": 1, "lr": 1e-3, "deepspeed": {"zero_stage": 2}},
+    }  # fmt: skip
+    run = run_job(job, tmp_path / "out", plugins=[plugin, sdxl_plugin, vae_plugin, lora_plugin])
+    folder = run.output_dir / "class_images"
+    assert [p.name for p in class_images.list_images(folder)] == ["class-00000.png", "class-00001.png"]
+    manifest = class_images.read_manifest(folder)
+    assert manifest is not None and manifest["settings"]["prompt"] == "a photo of a toy"
+    assert Image.open(folder / "class-00000.png").size == (16, 16)
+    assert all(row["prior_loss"] > 0 for row in run.metrics)
+    assert (run.output_dir / "final" / "adapter.safetensors").is_file()
+    trained = run.weights("text_encoder")
+    original = parts["text_encoder"].state_dict()
+    assert set(trained) == set(original)
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
