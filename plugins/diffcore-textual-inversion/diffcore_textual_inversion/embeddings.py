@@ -31,16 +31,20 @@ class NewTokens(nn.Module):
 
 
 class Splice(nn.Module):
-    """Ids ``first_id .. first_id + n - 1`` of a token-embedding table read ``vectors`` instead.
+    """Ids ``first_id .. first_id + n - 1`` of a token-embedding table read the vectors ``key`` of
+    ``source`` instead.
 
-    It is attached as a child of the ``nn.Embedding`` and holds the same parameter as
+    It is attached as a child of the ``nn.Embedding`` and registers the same parameter as
     :class:`NewTokens`, so the encoder counts as holding a trainable parameter and its forward keeps
-    autograd (``diffcore.text_encoders.grad_if_trainable``); the table's own weight stays frozen."""
+    autograd (``diffcore.text_encoders.grad_if_trainable``); the table's own weight stays frozen. The
+    lookup reads the parameter from ``source`` each time: loading weights into it (``diffcore
+    sample``) may replace the parameter object."""
 
-    def __init__(self, vectors: nn.Parameter, first_id: int, table: nn.Embedding):
+    def __init__(self, source: NewTokens, key: str, first_id: int, table: nn.Embedding):
         super().__init__()
-        self.vectors = vectors
+        self.vectors = source.get_parameter(key)
         self.first_id = first_id
+        self._source = (source, key)  # a tuple: not registered as a child module
         self._ids: torch.Tensor | None = None
         # new ids may lie past the table's end (real tokenizers fill it): the table sees them clamped
         self._handles = [table.register_forward_pre_hook(self._clamp), table.register_forward_hook(self._splice)]
@@ -54,8 +58,10 @@ class Splice(nn.Module):
     def _splice(self, table: nn.Embedding, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         ids, self._ids = self._ids, None
         assert ids is not None, "the pre-hook records the ids"
-        n = self.vectors.shape[0]
+        source, key = self._source
+        vectors = source.get_parameter(key)
+        n = vectors.shape[0]
         offset = ids - self.first_id
         new = (offset >= 0) & (offset < n)
-        picked = self.vectors[offset.clamp(0, n - 1)].to(output.dtype)
+        picked = vectors[offset.clamp(0, n - 1)].to(device=output.device, dtype=output.dtype)
         return torch.where(new.unsqueeze(-1), picked, output)

@@ -78,7 +78,7 @@ class TextualInversionMethod(DiffusionMethod):
             ids = table.tokenizer.convert_tokens_to_ids(self.tokens)
             if ids != list(range(ids[0], ids[0] + len(ids))):
                 raise RuntimeError(f"the {name} tokenizer gave the new tokens non-consecutive ids {ids}")
-            self.splices[name] = Splice(module.get_parameter(keys[name]), ids[0], table.embedding)
+            self.splices[name] = Splice(module, keys[name], ids[0], table.embedding)
         return {MODULE: module}
 
     def _check_new(self, name: str, table: TokenTable) -> None:

@@ -16,6 +16,7 @@ from tiny_sd import write_pipeline
 
 import diffcore
 from diffcore.testing import assert_entry_points_light, run_job
+from diffcore.weights import load_into
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("diffcore_sdxl")
@@ -53,9 +54,10 @@ def test_saved_embedding_loads_into_diffusers_with_the_same_prompt_embeddings(tm
     module = ti.modules(model)["embeddings"]
     keys = {"sd15": {"emb_params": (2, 64)}, "sdxl": {"clip_l": (2, 64), "clip_g": (2, 128)}}[family]
     assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == keys
-    with torch.no_grad():  # trained-looking vectors, far from their initialisation
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    # trained-looking vectors, far from their initialisation, loaded as `diffcore sample` loads them
+    g = torch.Generator().manual_seed(1)
+    trained = {k: v.detach() + torch.randn(v.shape, generator=g) for k, v in module.state_dict().items()}
+    load_into(module, trained, where="embeddings.safetensors")
     file = tmp_path / "embeddings.safetensors"
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(file))
 
