@@ -3,6 +3,8 @@ reads back with diffusers' converter for lllyasviel's original layout."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _tiny import SD15_UNET, randomize, unet_folder
@@ -93,3 +95,53 @@ def test_the_sd15_single_file_reads_back_with_diffusers_converter(sd15) -> None:
     assert set(a) == set(b)
     for key in b:
         assert torch.equal(a[key], b[key]), key
+
+
+def _vae(folder: Path) -> None:
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[8, 8, 8, 8],  # 8x down, as the ControlNet's default embedding expects
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+    )
+    randomize(vae, seed=0, std=0.2).save_pretrained(folder / "vae")  # so the pixels follow the latents
+
+
+def test_diffcore_sample_with_controlnet_and_control(sd15, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from diffcore.cli import main
+
+    pytest.importorskip("diffcore_vae")
+    _, _, parts, folder, _ = sd15
+    pipe = tmp_path / "pipe"
+    shutil.copytree(folder.parent / "pipe", pipe)
+    _vae(pipe)
+    control = tmp_path / "edges.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(control)
+
+    def sample(name: str, *extra: str) -> np.ndarray:
+        args = ["sample", "--model", "sd15", "--pretrained", str(pipe), "--prompt", "a cat", "--steps", "2"]
+        args += ["--height", "64", "--guidance", "1", "--out", str(tmp_path / name), "--no-grid", *extra]
+        assert main(args) == 0
+        return np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), dtype=np.float32)
+
+    plain = sample("plain")
+    # the tiny random UNet passes little of the residuals on: a large scale makes them show
+    steered = sample("steered", "--controlnet", str(folder), "--control", str(control), "--controlnet-scale", "100")
+    muted = sample("muted", "--controlnet", str(folder), "--control", str(control), "--controlnet-scale", "0")
+    assert np.abs(steered - plain).max() > 1  # the ControlNet changed the image
+    assert np.array_equal(muted, plain)  # and at scale 0 it adds nothing
+
+    capsys.readouterr()
+    missing = ["sample", "--model", "sd15", "--pretrained", str(pipe), "--prompt", "x"]
+    assert main([*missing, "--controlnet", str(tmp_path / "nope"), "--control", str(control)]) == 2
+    assert "--controlnet" in capsys.readouterr().err
+    assert main([*missing, "--controlnet", str(folder)]) == 2  # no control image
+    assert "control" in capsys.readouterr().err
