@@ -93,22 +93,30 @@ def captioned_folder(root: Path, n: int = 4) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_only_the_new_vectors_train_under_zero2(tmp_path: Path) -> None:
-    parts = write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
-    job = {
+def ti_job(tmp_path: Path, steps: int, every: int) -> dict:
+    return {
         "name": "ti",
         "seed": 0,
         "model": {"type": "sd15", "pretrained": str(tmp_path / "sd15"), "resolution": 16},
         "method": {"type": "textual_inversion", "placeholder_token": "<toy>", "initializer_token": "cat"},
-        "data": {"type": "folder", "path": str(captioned_folder(tmp_path / "data")), "resolution": 16, "buckets": False, "bucket_step": 16},
-        "train": {"steps": 3, "batch_size": 2, "lr": 0.05, "checkpoint_every": 3,
+        "data": {"type": "folder", "path": str(tmp_path / "data"), "resolution": 16, "buckets": False, "bucket_step": 16},
+        "train": {"steps": steps, "batch_size": 2, "lr": 0.05, "checkpoint_every": every,
                   "optimizer": {"type": "adamw", "weight_decay": 0.1}, "deepspeed": {"zero_stage": 2}},
-    }
+    }  # fmt: skip
+
+
+def plugins_with_vae() -> list:
     pytest.importorskip("diffcore_vae")
     from diffcore_vae import plugin as vae_plugin
 
-    run = run_job(job, tmp_path / "out", plugins=[plugin, sdxl_plugin, vae_plugin])
+    return [plugin, sdxl_plugin, vae_plugin]
+
+
+@pytest.mark.slow
+def test_only_the_new_vectors_train_under_zero2(tmp_path: Path) -> None:
+    parts = write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
+    captioned_folder(tmp_path / "data")
+    run = run_job(ti_job(tmp_path, 3, 3), tmp_path / "out", plugins=plugins_with_vae())
     table = parts["text_encoder"].get_input_embeddings().weight.detach()
     cat = parts["tokenizer"]("cat", add_special_tokens=False).input_ids
     initial = table[cat].mean(0, keepdim=True)
@@ -164,3 +172,15 @@ def test_an_existing_placeholder_exits_2(tmp_path: Path) -> None:
     run = run_job(job, tmp_path / "out", spawn=True, expect_exit=2, plugins=["diffcore_textual_inversion.plugin", "diffcore_sdxl.plugin"])
     assert "$.method.placeholder_token" in run.stderr and "'cat</w>' already exists" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_resumes_exactly(tmp_path: Path) -> None:
+    write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
+    captioned_folder(tmp_path / "data")
+    straight = run_job(ti_job(tmp_path, 2, 1), tmp_path / "straight", plugins=plugins_with_vae())
+    run_job(ti_job(tmp_path, 1, 1), tmp_path / "split", plugins=plugins_with_vae())
+    resumed = run_job(ti_job(tmp_path, 2, 1), tmp_path / "split", plugins=plugins_with_vae(), resume=True)
+    assert resumed.losses == straight.losses
+    assert torch.equal(resumed.weights("embeddings")["emb_params"], straight.weights("embeddings")["emb_params"])
+    assert not torch.equal(straight.weights("embeddings", "step-1")["emb_params"], straight.weights("embeddings")["emb_params"])
