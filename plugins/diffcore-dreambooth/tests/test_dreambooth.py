@@ -249,3 +249,18 @@ def test_sd15_with_a_lora_and_its_text_encoder(tmp_path: Path) -> None:
     original = parts["text_encoder"].state_dict()
     assert set(trained) == set(original)
     assert any(not torch.equal(trained[k], original[k]) for k in original)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_generation(tmp_path: Path) -> None:
+    """Under torchrun each rank makes its share of the class batches; the images are those one
+    process makes, and the run's losses are one process's with the same global batch."""
+    one = run_job(dit_job(tmp_path / "one", 2), tmp_path / "one" / "out", plugins=PLUGINS)
+    job = dit_job(tmp_path / "two", 2)
+    job["train"]["batch_size"] = 1
+    two = run_job(job, tmp_path / "two" / "out", processes=2, plugins=["diffcore_dreambooth.plugin", "diffcore_dit.plugin"])
+    names = [p.name for p in class_images.list_images(tmp_path / "one" / "classes")]
+    assert names == [p.name for p in class_images.list_images(tmp_path / "two" / "classes")] and len(names) == 6
+    for name in names:
+        assert (tmp_path / "two" / "classes" / name).read_bytes() == (tmp_path / "one" / "classes" / name).read_bytes()
+    assert two.losses == pytest.approx(one.losses, rel=1e-4)
