@@ -49,6 +49,14 @@ class DreamBoothMethod(DiffusionMethod):
                 problems.append(Problem(f"{WHERE}.{key}", f"must be at least 1, got {getattr(c, key)}"))
         if c.class_resolution is not None and c.class_resolution < 8:
             problems.append(Problem(f"{WHERE}.class_resolution", f"must be at least 8, got {c.class_resolution}"))
+        if c.train_text_encoder and getattr(job.data.config, "cache_dir", None):
+            problems.append(
+                Problem(
+                    "$.data.cache_dir",
+                    "train_text_encoder trains what the text encoders compute, which a cache would freeze; "
+                    "remove cache_dir or set train_text_encoder: false",
+                )
+            )
         if not self.prior:
             return problems
         if c.class_prompt is None and c.class_label is None:

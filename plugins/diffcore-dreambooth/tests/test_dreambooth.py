@@ -5,6 +5,7 @@ resumes exactly (generation and training) and exports."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import attrs
 import numpy as np
@@ -99,7 +100,7 @@ def test_prior_loss_is_the_hand_computed_sum(tmp_path: Path) -> None:
 
 
 def test_section_problems(tmp_path: Path) -> None:
-    job = type("Job", (), {"output_dir": str(tmp_path)})()
+    job = SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(config=SimpleNamespace(cache_dir=None)))
     problems = DreamBoothMethod(DreamBoothConfig()).validate(job)
     assert [p.path for p in problems] == ["$.method.class_prompt"]
     assert "class_label" in problems[0].message
@@ -112,6 +113,10 @@ def test_section_problems(tmp_path: Path) -> None:
     assert [p.path for p in problems] == ["$.method.num_class_images", "$.method.class_dir"]
     assert [p.path for p in DreamBoothMethod(DreamBoothConfig(prior_loss_weight=-1)).validate(job)] == ["$.method.prior_loss_weight"]
     assert DreamBoothMethod(DreamBoothConfig(prior_loss_weight=0, generate=False)).validate(job) == []
+    cached = SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(config=SimpleNamespace(cache_dir="cache")))
+    assert DreamBoothMethod(DreamBoothConfig(prior_loss_weight=0)).validate(cached) == []
+    problems = DreamBoothMethod(DreamBoothConfig(prior_loss_weight=0, train_text_encoder=True)).validate(cached)
+    assert [p.path for p in problems] == ["$.data.cache_dir"]
 
 
 def test_a_manifest_with_other_settings_is_refused(tmp_path: Path) -> None:

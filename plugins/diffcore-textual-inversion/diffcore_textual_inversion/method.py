@@ -49,6 +49,16 @@ class TextualInversionMethod(DiffusionMethod):
             problems.append(Problem(f"{WHERE}.initializer_token", "must name a word the tokenizers know, e.g. cat"))
         if c.num_vectors < 1:
             problems.append(Problem(f"{WHERE}.num_vectors", f"must be at least 1, got {c.num_vectors}"))
+        # a feature cache holds the text encoders' output for each caption, computed before the new
+        # tokens exist: training from it would never read the vectors
+        if getattr(job.data.config, "cache_dir", None):
+            problems.append(
+                Problem(
+                    "$.data.cache_dir",
+                    "textual inversion trains what the text encoders compute, which a cache would freeze; "
+                    "remove cache_dir",
+                )
+            )
         return problems
 
     def modules(self, model: DiffusionModel) -> dict[str, nn.Module]:

@@ -5,6 +5,7 @@ under ZeRO-2 with AdamW weight decay (every table row and the UNet stay bit-iden
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,8 +158,13 @@ def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(diffcore.UserError, match="dit exposes no token embeddings") as err:
         method().modules(dit)
     assert err.value.where == "$.model.type"
-    problems = method(placeholder_token="my token", initializer_token=" ", num_vectors=0).validate(None)
-    assert [p.path for p in problems] == ["$.method.placeholder_token", "$.method.initializer_token", "$.method.num_vectors"]
+    job = SimpleNamespace(data=SimpleNamespace(config=SimpleNamespace(cache_dir="cache")))
+    problems = method(placeholder_token="my token", initializer_token=" ", num_vectors=0).validate(job)
+    assert [p.path for p in problems] == [
+        "$.method.placeholder_token", "$.method.initializer_token", "$.method.num_vectors", "$.data.cache_dir",
+    ]  # fmt: skip
+    job.data.config.cache_dir = None
+    assert method().validate(job) == []
 
 
 def test_an_existing_placeholder_exits_2(tmp_path: Path) -> None:
