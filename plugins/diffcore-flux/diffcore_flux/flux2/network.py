@@ -16,6 +16,7 @@ from torch import nn
 
 from diffcore.nn import checkpointed, modulate, rope_frequencies, timestep_embedding
 from diffcore_flux.flux2.config import Flux2Shape
+from diffcore_flux.flux2.lean import norm_modulate, swiglu
 from diffcore_flux.network import QKNorm, _rope_attention, _split_qkv
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -34,8 +35,7 @@ class SwiGLU(nn.Module):
     """``silu(x[..., :n]) * x[..., n:]``: the gate half comes first (BFL and diffusers agree)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = x.chunk(2, dim=-1)
-        return nn.functional.silu(gate) * value
+        return swiglu(x)
 
 
 class MLPEmbedder(nn.Module):
@@ -83,17 +83,16 @@ class DoubleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int):
         super().__init__()
+        # the pre-norms have no parameters: norm_modulate is each norm and its modulation in one op
         for stream in ("img", "txt"):
-            self.add_module(f"{stream}_norm1", _layer_norm(dim))
             self.add_module(f"{stream}_attn", SelfAttention(dim, heads))
-            self.add_module(f"{stream}_norm2", _layer_norm(dim))
             self.add_module(f"{stream}_mlp", _mlp(dim, mlp_hidden))
 
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, img_mod: Mod, txt_mod: Mod, rope: Rope
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_q, img_k, img_v = self._qkv(self.img_attn, self.img_norm1(img), img_mod)
-        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, self.txt_norm1(txt), txt_mod)
+        img_q, img_k, img_v = self._qkv(self.img_attn, img, img_mod)
+        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt, txt_mod)
         out = _rope_attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
@@ -101,19 +100,19 @@ class DoubleStreamBlock(nn.Module):
             rope,
         )
         n_txt = txt.shape[1]
-        img = self._residual(img, out[:, n_txt:], img_mod, self.img_attn, self.img_norm2, self.img_mlp)
-        txt = self._residual(txt, out[:, :n_txt], txt_mod, self.txt_attn, self.txt_norm2, self.txt_mlp)
+        img = self._residual(img, out[:, n_txt:], img_mod, self.img_attn, self.img_mlp)
+        txt = self._residual(txt, out[:, :n_txt], txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
     @staticmethod
-    def _qkv(attn: SelfAttention, normed: torch.Tensor, mod: Mod):
-        return _split_qkv(attn.qkv(modulate(normed, mod[0], mod[1])), attn.heads, attn.norm, own_qk=True)
+    def _qkv(attn: SelfAttention, x: torch.Tensor, mod: Mod):
+        return _split_qkv(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads, attn.norm, own_qk=True)
 
     @staticmethod
-    def _residual(x, attn_out, mod: Mod, attn: SelfAttention, norm2: nn.Module, mlp: nn.Module) -> torch.Tensor:
+    def _residual(x, attn_out, mod: Mod, attn: SelfAttention, mlp: nn.Module) -> torch.Tensor:
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = x + gate1[:, None] * attn.proj(attn_out)
-        return x + gate2[:, None] * mlp(modulate(norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1[:, None], attn.proj(attn_out))
+        return torch.addcmul(x, gate2[:, None], mlp(norm_modulate(x, shift2, scale2)))
 
 
 class SingleStreamBlock(nn.Module):
@@ -127,17 +126,16 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = _linear(dim, 3 * dim + 2 * mlp_hidden)
         self.linear2 = _linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // heads)
-        self.pre_norm = _layer_norm(dim)
         self.mlp_act = SwiGLU()
 
     def forward(self, x: torch.Tensor, mod: Mod, rope: Rope) -> torch.Tensor:
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+        qkv, mlp = self.linear1(norm_modulate(x, shift, scale)).split(
             (3 * self.dim, 2 * self.mlp_hidden), dim=-1
         )
         q, k, v = _split_qkv(qkv, self.heads, self.norm)
         out = self.linear2(torch.cat((_rope_attention(q, k, v, rope), self.mlp_act(mlp)), dim=-1))
-        return x + gate[:, None] * out
+        return torch.addcmul(x, gate[:, None], out)
 
 
 class LastLayer(nn.Module):
