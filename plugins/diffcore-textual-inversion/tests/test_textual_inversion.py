@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _ti_sd import write_pipeline
 from diffcore_textual_inversion import plugin
 from diffcore_textual_inversion.config import TextualInversionConfig
 from diffcore_textual_inversion.method import TextualInversionMethod
 from safetensors.torch import load_file, save_file
-from tiny_sd import write_pipeline
 
 import diffcore
 from diffcore.testing import assert_entry_points_light, run_job
