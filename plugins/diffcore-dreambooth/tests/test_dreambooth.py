@@ -269,3 +269,40 @@ def test_two_processes_share_the_generation(tmp_path: Path) -> None:
     for name in names:
         assert (tmp_path / "two" / "classes" / name).read_bytes() == (tmp_path / "one" / "classes" / name).read_bytes()
     assert two.losses == pytest.approx(one.losses, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_flux1_generates_its_prior_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flux.1 dev (distilled guidance): the class images are generated with the guidance as the
+    model's input, and a full finetune trains on instance + class examples under ZeRO-2."""
+    pytest.importorskip("diffcore_flux")
+    pytest.importorskip("diffcore_vae")
+    flux_tests = Path(__file__).parents[2] / "diffcore-flux" / "tests"
+    if not (flux_tests / "_flux_tiny.py").is_file():
+        pytest.skip("diffcore-flux's tiny pipeline helper is not beside this plugin")
+    monkeypatch.syspath_prepend(str(flux_tests))
+    from _flux_tiny import AXES, LATENT_CHANNELS, write_pipeline
+    from diffcore_flux import plugin as flux_plugin
+    from diffcore_vae import plugin as vae_plugin
+
+    write_pipeline(tmp_path / "flux", guidance=True)
+    vae = dict(block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4, latent_channels=LATENT_CHANNELS)
+    job = {
+        "name": "dreambooth-flux",
+        "model": {"type": "flux", "pretrained": str(tmp_path / "flux"), "axes_dim": AXES, "max_sequence_length": 8, "vae_options": vae},
+        "method": {
+            "type": "dreambooth", "class_prompt": "a dog", "num_class_images": 2, "generation_batch": 2,
+            "sample_steps": 2, "guidance": 3.5,
+        },
+        "data": {"type": "folder", "path": str(instance_folder(tmp_path / "data", "a sks dog")), "resolution": 16,
+                 "buckets": False, "bucket_step": 16},
+        "train": {"steps": 2, "batch_size": 1, "lr": 1e-3, "deepspeed": {"zero_stage": 2}},
+    }  # fmt: skip
+    run = run_job(job, tmp_path / "out", plugins=[plugin, flux_plugin, vae_plugin])
+    folder = run.output_dir / "class_images"
+    assert len(class_images.list_images(folder)) == 2
+    assert Image.open(folder / "class-00001.png").size == (16, 16)
+    manifest = class_images.read_manifest(folder)
+    assert manifest is not None and manifest["settings"]["guidance"] == 3.5 and manifest["settings"]["architecture"] == "flux"
+    assert all(row["prior_loss"] > 0 for row in run.metrics)
+    assert (run.output_dir / "final" / "model.safetensors").is_file()
