@@ -16,7 +16,7 @@ from diffcore_textual_inversion.method import TextualInversionMethod
 from safetensors.torch import load_file, save_file
 
 import diffcore
-from diffcore.testing import assert_entry_points_light, run_job
+from diffcore.testing import assert_entry_points_light, run_cli, run_job
 from diffcore.weights import load_into
 
 diffusers = pytest.importorskip("diffusers")
@@ -181,7 +181,7 @@ def test_an_existing_placeholder_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resumes_exactly(tmp_path: Path) -> None:
+def test_resumes_exactly_and_samples(tmp_path: Path) -> None:
     write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
     captioned_folder(tmp_path / "data")
     straight = run_job(ti_job(tmp_path, 2, 1), tmp_path / "straight", plugins=plugins_with_vae())
@@ -190,3 +190,10 @@ def test_resumes_exactly(tmp_path: Path) -> None:
     assert resumed.losses == straight.losses
     assert torch.equal(resumed.weights("embeddings")["emb_params"], straight.weights("embeddings")["emb_params"])
     assert not torch.equal(straight.weights("embeddings", "step-1")["emb_params"], straight.weights("embeddings")["emb_params"])
+
+    # diffcore sample rebuilds the tokens through the method and loads embeddings.safetensors into them
+    out = tmp_path / "samples"
+    args = ["sample", "--from", str(straight.output_dir), "--prompt", "a photo of <toy>", "--steps", "2", "--height", "16"]
+    done = run_cli(*args, "--out", str(out), "--device", "cpu", plugins=["diffcore_textual_inversion.plugin", "diffcore_sdxl.plugin", "diffcore_vae.plugin"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len([p for p in out.glob("*.png") if p.name != "grid.png"]) == 1
