@@ -197,3 +197,26 @@ def test_training_facts(case):
     assert model.latent_channels == LATENT_CHANNELS and model.latent_downscale == 4
     assert model.sequence_length(torch.zeros(1, LATENT_CHANNELS, 6, 8)) == 48
     assert set(model.frozen) == {"te1"}
+
+
+@pytest.mark.parametrize("dev", [True, False], ids=["dev", "klein"])
+def test_text_encoder_from_a_single_file(tmp_path, dev):
+    """ComfyUI keeps the text encoder as one safetensors file (sizes read from the shapes) and the
+    tokenizer as a folder: the prompt path gives what the diffusers folder gives."""
+    from safetensors.torch import save_file
+
+    parts = write_pipeline(tmp_path / "pipe", dev)
+    state = {k: v.clone() for k, v in parts["text_encoder"].state_dict().items()}  # tied tensors apart
+    save_file(state, tmp_path / "te.safetensors")
+    options = model_options(dev)
+    folder = diffcore.load_model("flux2", pretrained=tmp_path / "pipe", **options)
+    # Mistral's file does not show its head size (Qwen3's q_norm does): the tiny one says it
+    more = {"text_encoder_options": {"head_dim": 8}} if dev else {}
+    single = diffcore.load_model(
+        "flux2", pretrained=tmp_path / "pipe" / "transformer", text_encoder=str(tmp_path / "te.safetensors"),
+        tokenizer=str(tmp_path / "pipe" / "tokenizer"), **options, **more,
+    )  # fmt: skip
+    with torch.no_grad():
+        a = folder.encode_conditions({"captions": CAPTIONS})["txt"]
+        b = single.encode_conditions({"captions": CAPTIONS})["txt"]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
