@@ -129,7 +129,11 @@ def test_trains_under_zero_and_exports_the_published_layouts(pixel_sd15: Path, t
 
     metadata = _images(tmp_path / "data", 8)
     job = _job(pixel_sd15, metadata, deepspeed={"zero_stage": stage}, checkpoint_every=2)
+    # the sample callback steers with a control image too (through the method's predict)
+    sample = {"type": "sample", "prompts": ["a square"], "steps": 2, "guidance": 1.0}
+    job["callbacks"].append({**sample, "inputs": {"control": str(metadata.parent / "0-edge.png")}})
     run = run_job(job, tmp_path / "run")
+    assert list((run.output_dir / "samples").glob("step-2/*.png"))
     assert len(run.losses) == 2 and all(torch.isfinite(torch.tensor(run.losses)))
 
     final = run.output_dir / "final"
