@@ -30,7 +30,7 @@ class DreamBoothConfig(DiffusionMethodConfig):
     num_class_images: int = 100
     #: generate the class images the folder lacks with the base model before training
     generate: bool = True
-    #: side of the class images (default: the instance images' size)
+    #: side of the class images (default: the size of the first instance example)
     class_resolution: int | None = None
     #: generation settings (recorded in the folder's manifest.json with each image's seed)
     sampler: str = "euler"

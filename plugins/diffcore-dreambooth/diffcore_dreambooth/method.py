@@ -44,9 +44,10 @@ class DreamBoothMethod(DiffusionMethod):
         c, problems = self.config, []
         if c.prior_loss_weight < 0:
             problems.append(Problem(f"{WHERE}.prior_loss_weight", f"must be >= 0, got {c.prior_loss_weight}"))
-        for key in ("num_class_images", "sample_steps", "generation_batch"):
-            if getattr(c, key) < 1:
-                problems.append(Problem(f"{WHERE}.{key}", f"must be at least 1, got {getattr(c, key)}"))
+        counts = {"num_class_images": c.num_class_images, "sample_steps": c.sample_steps, "generation_batch": c.generation_batch}
+        for key, value in counts.items():
+            if value < 1:
+                problems.append(Problem(f"{WHERE}.{key}", f"must be at least 1, got {value}"))
         if c.class_resolution is not None and c.class_resolution < 8:
             problems.append(Problem(f"{WHERE}.class_resolution", f"must be at least 8, got {c.class_resolution}"))
         if c.train_text_encoder and getattr(job.data.config, "cache_dir", None):
