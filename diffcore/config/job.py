@@ -106,6 +106,8 @@ class TrainConfig:
     #: drop a bucket's last, incomplete batch each epoch; false fills it by repeating the bucket's examples
     drop_last: bool = True
     device: str = "auto"
+    #: seconds a collective waits for the other processes before the run stops naming the rank
+    collective_timeout_s: float = attrs.field(default=1800.0, validator=_positive)
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
 
 

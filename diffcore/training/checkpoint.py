@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 from diffcore.errors import UserError
 from diffcore.training.distributed import barrier, broadcast_int
 from diffcore.training.manifest import MANIFEST, damage, write_manifest
+from diffcore.training.reshard import UNIVERSAL_TAG, convert
+from diffcore.training.safe_loading import use_safe_loading, weights_only_loading
 from diffcore.training.state import load_states, save_states
 from diffcore.weights import save_safetensors
 
@@ -192,6 +194,7 @@ def _write_checkpoint(ctx: Any, root: Path, tmp: Path, final: Path) -> None:
             "step": ctx.step,
             "sampler": ctx.sampler.state_dict(),
             "world_size": ctx.world_size,
+            "zero_stage": ctx.job.train.deepspeed.zero_stage,
             "job": ctx.job.name,
             "seed": ctx.job.seed,
             "versions": ctx.versions,
@@ -274,19 +277,38 @@ def resume_checkpoint(output_dir: Path, *, uses_ema: bool, rank: int) -> Path | 
     return None if chosen < 0 else checkpoint_root(output_dir) / f"step-{chosen}"
 
 
-def load_checkpoint(ctx: Any, path: Path) -> None:
-    """Restore the engine, optimizer, lr schedule, data position, RNG and EMA from ``path``."""
+def saved_layout(path: Path, job: Any) -> tuple[int, int]:
+    """(world size, ZeRO stage) the checkpoint at ``path`` was written with."""
     state = json.loads((path / "trainer.json").read_text())
-    if state["world_size"] != ctx.world_size and ctx.job.train.deepspeed.zero_stage > 0:
-        raise UserError(
-            f"checkpoint was written by {state['world_size']} processes, this run has {ctx.world_size}",
-            where=str(path),
-            hint="resume with the same number of processes under ZeRO",
+    return int(state["world_size"]), int(state.get("zero_stage", job.train.deepspeed.zero_stage))
+
+
+def load_checkpoint(ctx: Any, path: Path, *, universal: bool = False) -> None:
+    """Restore the engine, optimizer, lr schedule, data position, RNG and EMA from ``path``.
+
+    With ``universal`` (the world size changed under ZeRO) the DeepSpeed state is first converted to
+    DeepSpeed's universal checkpoint on rank 0, then re-partitioned by the engine for this world size.
+    """
+    state = json.loads((path / "trainer.json").read_text())
+    use_safe_loading(ctx.engine)
+    if universal:
+        work = ctx.output_dir / f".reshard-{path.name}"
+        if ctx.is_main:
+            convert(path / STATE_TAG, work)
+        barrier()
+        try:
+            with weights_only_loading():
+                load_path, _ = ctx.engine.load_checkpoint(
+                    str(work), tag=UNIVERSAL_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        finally:
+            barrier()
+            if ctx.is_main:
+                shutil.rmtree(work, ignore_errors=True)
+    else:
+        load_path, _ = ctx.engine.load_checkpoint(
+            str(path), tag=STATE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-    _use_safe_loading(ctx.engine)
-    load_path, _ = ctx.engine.load_checkpoint(
-        str(path), tag=STATE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
     if load_path is None:
         raise UserError("the DeepSpeed state in this checkpoint could not be loaded", where=str(path))
     ctx.step = int(state["step"])
@@ -309,31 +331,3 @@ def load_checkpoint(ctx: Any, path: Path) -> None:
             )
         ctx.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     load_states(path / "state", ctx.method, ctx.callbacks)
-
-
-def _use_safe_loading(engine: Any) -> None:
-    """Make DeepSpeed read its own resume state with ``torch.load(weights_only=True)``."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or getattr(ce, "_diffcore_safe", False):
-        return
-
-    def load(path: str, map_location: Any = None) -> Any:
-        _allow_deepspeed_globals()
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-    ce.load = load
-    ce._diffcore_safe = True
-
-
-def _allow_deepspeed_globals() -> None:
-    """The non-tensor objects DeepSpeed puts in its state files, allowed by name (no arbitrary code)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    import argparse
-    import collections
-
-    allowed += [argparse.Namespace, collections.OrderedDict, collections.defaultdict, set]
-    torch.serialization.add_safe_globals(allowed)

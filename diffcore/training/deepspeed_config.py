@@ -7,7 +7,8 @@ from typing import Any
 from diffcore.config.job import Job, deep_merge
 
 
-def deepspeed_config(job: Job, world_size: int) -> dict[str, Any]:
+def deepspeed_config(job: Job, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
+    """``load_universal``: the engine will resume from a universal checkpoint (another world size)."""
     train = job.train
     ds = train.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -29,4 +30,6 @@ def deepspeed_config(job: Job, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return deep_merge(config, ds.extra)

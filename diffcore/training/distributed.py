@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import attrs
 import torch
@@ -35,10 +36,11 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto") -> Dist:
+def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> Dist:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) through DeepSpeed, once.
 
-    Without a launcher the process becomes rank 0 of a world of one.
+    Without a launcher the process becomes rank 0 of a world of one. ``timeout_s`` bounds every
+    collective: a rank that waits longer on a stopped or stuck peer fails instead of hanging.
     """
     # A world of one that a diffcore parent process set up is not ours to join: a child process
     # (a subprocess run, a sampler) would knock on the parent's rendezvous port.
@@ -62,11 +64,12 @@ def init_distributed(device_name: str = "auto") -> Dist:
     import torch.distributed as td
 
     backend = "gloo" if device.type == "cpu" else "nccl"
+    _default_group_timeout(timedelta(seconds=timeout_s))
     for attempt in range(5):
         if td.is_initialized():
             break
         try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
         except td.DistNetworkError:
             # the port we picked was taken between picking and binding: pick another (single process)
             if not own_port or attempt == 4:
@@ -80,6 +83,20 @@ def init_distributed(device_name: str = "auto") -> Dist:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank=td.get_rank(), local_rank=local_rank, world_size=world, device=device)
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group, not only the world group.
+
+    DeepSpeed builds its data-parallel groups with ``new_group()`` and no timeout, which takes
+    torch's module-level default (30 min for gloo, 10 for NCCL) whatever the world group was given:
+    a rank stuck in a gradient all-reduce would wait that long. torch reads these two defaults at
+    each ``new_group`` call, so setting them here covers the groups DeepSpeed makes later.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def barrier() -> None:
@@ -154,3 +171,9 @@ def broadcast_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     td.broadcast(t, src=0)
     return int(t.item())
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that gave up waiting (gloo and NCCL word it differently)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("timed out", "timeout", "connection closed by peer"))

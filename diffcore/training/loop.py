@@ -19,9 +19,10 @@ from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
 from diffcore.training.deepspeed_config import deepspeed_config
-from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed
+from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
 from diffcore.training.modules import TrainedModules, parameter_names
+from diffcore.training.reshard import needs_universal
 from diffcore.training.run_lock import RunLock, acquire
 from diffcore.training.schedule import lr_lambda
 from diffcore.training.window import LossWindow
@@ -62,7 +63,7 @@ def scheduler_section(job: Job, model: Any) -> Section:
 
 
 def run_job(job: Job, *, resume: bool = False) -> TrainResult:
-    dist = init_distributed(job.train.device)
+    dist = init_distributed(job.train.device, job.train.collective_timeout_s)
     torch.manual_seed(hash_seed(job.seed, dist.rank, 1))
     import random
 
@@ -163,6 +164,10 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     )
     import deepspeed
 
+    universal = False
+    if existing is not None:
+        saved_world, saved_stage = ckpt.saved_layout(existing, job)
+        universal = needs_universal(saved_world, saved_stage, dist.world_size, job.train.deepspeed.zero_stage)
     # One module holds every trainable parameter (backbone, adapter branches inside it, unfrozen
     # text encoders, the method's modules): clipping, zeroing, the initial broadcast, ZeRO
     # partitioning and mixed precision all apply to the whole of what trains.
@@ -170,7 +175,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
         model=container,
         optimizer=optimizer,
         lr_scheduler=lr_sched,
-        config=deepspeed_config(job, dist.world_size),
+        config=deepspeed_config(job, dist.world_size, load_universal=universal),
     )
     ctx.engine = engine
     if job.train.ema_decay is not None:
@@ -184,7 +189,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     )
     ctx.sampler = sampler
     if existing is not None:
-        ckpt.load_checkpoint(ctx, existing)
+        ckpt.load_checkpoint(ctx, existing, universal=universal)
         ctx.last_checkpoint = existing
     # everything is built, validated and loaded: only now write into the output directory
     if dist.rank == 0:
@@ -197,7 +202,17 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     for cb in callbacks:
         cb.on_train_start(ctx)
     try:
-        last_loss = _train(ctx, callbacks)
+        try:
+            last_loss = _train(ctx, callbacks)
+        except RuntimeError as exc:
+            if not is_collective_timeout(exc) or ctx.world_size == 1:
+                raise
+            raise TrainingError(
+                f"rank {ctx.rank} of {ctx.world_size} waited more than train.collective_timeout_s="
+                f"{job.train.collective_timeout_s:g} s for the other processes at step {ctx.step + 1}: one of them "
+                f"stopped or is stuck (its own log says why); the last good checkpoint is "
+                f"{ctx.last_checkpoint or 'none yet'}"
+            ) from exc
     except BaseException as exc:
         for cb in callbacks:
             try:
