@@ -168,13 +168,25 @@ def _parse_input(text: str) -> tuple[str, str]:
     return key.strip(), path
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def _yaml_value(text: str, where: str) -> Any:
+    """A ``KEY=VALUE`` value parsed as YAML (bounded: no alias bombs)."""
     import yaml
 
+    from diffcore.config.yaml_bounded import YAMLTooLarge, load_yaml
+
+    try:
+        return load_yaml(text)
+    except YAMLTooLarge as exc:
+        raise UserError(str(exc), where=where) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"invalid value: {getattr(exc, 'problem', None) or exc}", where=where) from None
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise UserError(f"expected KEY=VALUE, got {text!r}", where="--model-option")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), _yaml_value(value, f"--model-option {key.strip()}")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -214,14 +226,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
     options: dict[str, Any] = {}
     for text in args.sampler_options:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise UserError(f"expected KEY=VALUE, got {text!r}", where="--sampler-option")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = _yaml_value(value, f"--sampler-option {key.strip()}")
     return options
 
 
