@@ -64,3 +64,35 @@ def test_default_targets_are_attention_and_mlp(tmp_path):
     assert not any("modulation" in n or n.startswith(("img_in", "txt_in", "time_in")) for n in wrapped)
     # the text encoder stays frozen
     assert not any(p.requires_grad for p in model.frozen["te1"].parameters())
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr"])
+def test_dora_and_lokr_files(tmp_path, kind):
+    """DoRA's PEFT file loads in diffusers' Flux2KleinPipeline with the same output (its kohya file's
+    dora_scale is dropped by diffusers, which says so). diffusers' Flux.2 loader converts LoKr only
+    under ai-toolkit ``diffusion_model.`` or ``lycoris_`` names, not kohya's ``lora_unet_`` (ComfyUI's),
+    so the LoKr file is checked by loading it back into a fresh diffcore model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    parts = write_pipeline(tmp_path / "flux2", False)
+    options = model_options(False)
+    model = diffcore.load_model("flux2", pretrained=tmp_path / "flux2", **options)
+    adapter = diffcore.build_component("adapter", kind, {"rank": 4, "alpha": 2.0})
+    params = adapter.attach(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+    x = _inputs(False)
+    ours = _our_out(model, x)
+    adapter.save(tmp_path / "kohya.safetensors", "kohya")
+    fresh = diffcore.load_model("flux2", pretrained=tmp_path / "flux2", **options)
+    base = _our_out(fresh, x)
+    diffcore.build_component("adapter", kind, {}).from_file(fresh, tmp_path / "kohya.safetensors", 1.0)
+    assert (ours - base).abs().max() > 1e-2
+    assert_outputs_close(_our_out(fresh, x), ours, atol=1e-5)
+    if kind == "dora":
+        adapter.save(tmp_path / "peft.safetensors", "peft")
+        reference = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, **parts)
+        reference.load_lora_weights(str(tmp_path / "peft.safetensors"))
+        assert_outputs_close(_reference_out(reference.transformer, x), ours, atol=1e-4)
