@@ -186,3 +186,37 @@ def test_missing_control_images_are_a_user_error(pixel_sd15: Path, tmp_path: Pat
     with pytest.raises(UserError, match="no control image") as err:
         run_job(_job(pixel_sd15, metadata, steps=1), tmp_path / "run")
     assert err.value.where == "$.data"
+
+
+@pytest.mark.slow
+def test_flux_controlnet_trains_samples_and_exports(tmp_path: Path) -> None:
+    from _tiny import flux_pipeline
+
+    pytest.importorskip("diffcore_vae")
+    flux_pipeline(tmp_path / "flux")
+    metadata = _images(tmp_path / "data", 4)
+    vae = {"block_out_channels": [8, 8], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
+    job = {
+        "seed": 0,
+        "model": {
+            "type": "flux",
+            "pretrained": str(tmp_path / "flux"),
+            "axes_dim": [4, 6, 6],
+            "max_sequence_length": 8,
+            "vae_options": vae,
+        },
+        "method": {"type": "controlnet", "num_layers": 1, "num_single_layers": 1, "control_dropout": 0.5},
+        "data": {"type": "metadata", "file": str(metadata), "resolution": SIZE * 2, "buckets": False, "bucket_step": 16, "allow_upscale": True},
+        "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "gradient_checkpointing": True},
+        "callbacks": [
+            {"type": "progress", "enabled": False},
+            {"type": "sample", "prompts": ["a square"], "steps": 2, "inputs": {"control": str(metadata.parent / "1-edge.png")}},
+        ],
+    }
+    run = run_job(job, tmp_path / "run")
+    assert len(run.losses) == 2 and all(torch.isfinite(torch.tensor(run.losses)))
+    assert list((run.output_dir / "samples").glob("step-2/*.png"))
+    folder = run.output_dir / "final" / "controlnet"
+    reference = diffusers.FluxControlNetModel.from_pretrained(str(folder))
+    assert reference.config.num_layers == 1 and reference.config.guidance_embeds
+    assert not (run.output_dir / "final" / "controlnet-original.safetensors").exists()  # diffusers keys only
