@@ -16,10 +16,12 @@ def validate_command(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     # cross-section problems only the method can judge (a model that takes no residuals...)
     from diffcore.api import build_component
+    from diffcore.data.preflight import data_problems
     from diffcore.errors import ConfigError
 
     method = build_component("method", job.method.type, job.method.config)
-    problems = method.validate(job)
+    # what a run would otherwise find only after its start-up: bucket feasibility, missing data paths
+    problems = [*data_problems(job.data.type, job.data.config), *method.validate(job)]
     if problems:
         raise ConfigError(problems, source=job.source)
     print(f"{args.job}: ok (model {job.model.type}, data {job.data.type}, {job.train.steps} steps)")

@@ -46,6 +46,45 @@ def bucket_grid(resolution: int, step: int, min_side: int, max_side: int) -> lis
     return sorted(out)
 
 
+@attrs.frozen
+class BucketSetup:
+    """The buckets of a dataset's options, and the smallest side an image's own bucket may have."""
+
+    buckets: list[Bucket]
+    min_side: int
+    max_side: int
+
+
+class NoBucket(ValueError):
+    """Options that make no bucket; the message says which keys and how to fix them."""
+
+
+def bucket_setup(
+    resolution: int, *, buckets: bool, step: int, min_side: int | None, max_side: int | None
+) -> BucketSetup:
+    """The buckets a dataset with these options trains at; raises :class:`NoBucket`.
+
+    Without buckets every image is ``resolution`` square and ``step`` plays no part (it only shapes
+    the aspect buckets), so any ``step`` goes with any resolution.
+    """
+    if resolution < 1:
+        raise NoBucket(f"resolution must be at least 1, got {resolution}")
+    if not buckets:
+        return BucketSetup([(resolution, resolution)], resolution, resolution)
+    if step < 8 or resolution < step:
+        raise NoBucket(
+            f"resolution {resolution} and bucket_step {step} do not make a bucket "
+            f"(set bucket_step between 8 and {resolution}, or buckets: false)"
+        )
+    low = min_side or max(step, resolution // 2)
+    high = max_side or resolution * 2
+    try:
+        grid = bucket_grid(resolution, step, low, high)
+    except ValueError as exc:
+        raise NoBucket(f"{exc} (check min_side, max_side and bucket_step)") from None
+    return BucketSetup(grid, low, high)
+
+
 def _ceil_to(value: int, step: int) -> int:
     return max(step, -(-value // step) * step)
 

@@ -12,7 +12,7 @@ import attrs
 import numpy as np
 import torch
 
-from diffcore.data.buckets import Bucket, Placement, bucket_grid, place
+from diffcore.data.buckets import Bucket, NoBucket, Placement, bucket_setup, place
 from diffcore.data.config import ImageOptions
 from diffcore.data.images import BadImage, fit, load
 from diffcore.data.sizes import SizeMemo
@@ -76,16 +76,14 @@ class ImageDataset:
         self.class_names = listing.class_names
         self.cache_dir = options.cache_dir
         self.epoch = 0
-        step = options.bucket_step
-        res = options.resolution
-        if step < 8 or res < step:
-            raise UserError(f"resolution {res} and bucket_step {step} do not make a bucket", where=where)
-        self.min_side = options.min_side or max(step, res // 2)
-        self.max_side = options.max_side or res * 2
-        if options.buckets:
-            self.buckets = bucket_grid(res, step, self.min_side, self.max_side)
-        else:
-            self.buckets = [(res, res)]
+        try:
+            setup = bucket_setup(
+                options.resolution, buckets=options.buckets, step=options.bucket_step,
+                min_side=options.min_side, max_side=options.max_side,
+            )  # fmt: skip
+        except NoBucket as exc:
+            raise UserError(str(exc), where=where) from None
+        self.min_side, self.max_side, self.buckets = setup.min_side, setup.max_side, setup.buckets
         problems = [DataProblem(path, why) for path, why in listing.problems]
         checked = self._scan(listing.records)
         self.records: list[Record] = []
