@@ -145,3 +145,79 @@ def test_diffcore_sample_with_controlnet_and_control(sd15, tmp_path: Path, capsy
     assert "--controlnet" in capsys.readouterr().err
     assert main([*missing, "--controlnet", str(folder)]) == 2  # no control image
     assert "control" in capsys.readouterr().err
+
+
+def test_a_diffusers_flux_controlnet_pipeline_reproduces_the_prediction(tmp_path: Path) -> None:
+    from _tiny import flux_pipeline
+    from diffcore_flux.packing import unpack
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    root = tmp_path / "flux"
+    flux_pipeline(root)
+    model = diffcore.load_model("flux", pretrained=str(root), axes_dim=[4, 6, 6], max_sequence_length=8)
+    method = ControlNetMethod(ControlNetConfig(num_layers=1, num_single_layers=1))
+    net = randomize(method.modules(model)["controlnet"], seed=2)
+    folder = layouts.save_folder(net, net.state_dict(), tmp_path / "controlnet", {})
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[8, 8],
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        shift_factor=0.1159,  # Flux's
+        scaling_factor=0.3611,
+    )
+    transformer = diffusers.FluxTransformer2DModel.from_pretrained(str(root / "transformer"))
+    pipe = diffusers.FluxControlNetPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(str(root / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+        text_encoder_2=T5EncoderModel.from_pretrained(str(root / "text_encoder_2")),
+        tokenizer_2=T5TokenizerFast.from_pretrained(str(root / "tokenizer_2")),
+        transformer=transformer,
+        controlnet=diffusers.FluxControlNetModel.from_pretrained(str(folder)),
+    )
+    controls: list[torch.Tensor] = []
+    seen: list[tuple[dict, torch.Tensor]] = []
+    hooks = [
+        pipe.controlnet.register_forward_pre_hook(
+            lambda m, args, kwargs: controls.append(kwargs["controlnet_cond"].clone()), with_kwargs=True
+        ),
+        transformer.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append((dict(kwargs), out[0].clone())), with_kwargs=True
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            pipe(
+                "a square",
+                control_image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+                height=32,
+                width=32,
+                num_inference_steps=2,
+                guidance_scale=3.5,
+                controlnet_conditioning_scale=0.7,
+                max_sequence_length=8,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) == len(controls) == 2
+
+    with torch.no_grad():
+        cond = model.encode_conditions({"captions": ["a square"]})
+        for control, (kwargs, want) in zip(controls, seen):
+            latents = unpack(kwargs["hidden_states"], 16, 16)
+            t, g = kwargs["timestep"], kwargs["guidance"]
+            # the pipeline's control latents (it draws them from the VAE's posterior; diffcore's own
+            # preparation is the autoencoder's encode, tested with diffcore-vae)
+            residuals = net(latents, t, cond, unpack(control, 16, 16), 0.7, guidance=g)
+            got = model.predict(latents, t, cond, guidance=g, **residuals)
+            assert_outputs_close(got, unpack(want, 16, 16), atol=1e-4, what=f"prediction at sigma={float(t[0]):.3f}")
+            assert (got - model.predict(latents, t, cond, guidance=g)).abs().max() > 1e-3
