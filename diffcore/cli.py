@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffcore.errors import PluginError, TrainingError, UserError
+from diffcore.training.interrupt import RunInterrupted
 from diffcore.version import PLUGIN_API, __version__
 
 EXIT_USER_ERROR = 2
@@ -97,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"diffcore: training stopped: {exc}", file=sys.stderr)
         return EXIT_TRAINING_ERROR
+    except RunInterrupted as exc:
+        print(f"diffcore: {exc}", file=sys.stderr)
+        return exc.exit_status
     except BrokenPipeError:
         # the reader went away (`| head`): nothing more to say, and nothing to flush at exit either
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -21,6 +21,7 @@ from diffcore.training import checkpoint as ckpt
 from diffcore.training.deepspeed_config import deepspeed_config
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
+from diffcore.training.interrupt import RunInterrupted, StopRequest
 from diffcore.training.modules import TrainedModules, parameter_names
 from diffcore.training.reshard import needs_universal
 from diffcore.training.run_lock import RunLock, acquire
@@ -201,9 +202,10 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     ctx.callbacks = callbacks
     for cb in callbacks:
         cb.on_train_start(ctx)
+    stop = StopRequest().install()
     try:
         try:
-            last_loss = _train(ctx, callbacks)
+            last_loss = _train(ctx, callbacks, stop)
         except RuntimeError as exc:
             if not is_collective_timeout(exc) or ctx.world_size == 1:
                 raise
@@ -220,6 +222,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
             except Exception:  # a failing callback must not hide the original error
                 pass
         raise
+    finally:
+        stop.uninstall()
     for cb in callbacks:
         cb.on_train_end(ctx)
     final = out / "final"
@@ -280,7 +284,7 @@ def _fill_cache(cache: Any, job: Job, dataset: Any, model: Any, rank: int) -> An
     return cache.wrap(dataset)
 
 
-def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
+def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest) -> float | None:
     job = ctx.job
     gas = job.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
@@ -334,7 +338,33 @@ def _train(ctx: TrainContext, callbacks: list[Any]) -> float | None:
             window_start, window_samples = now, 0
         for cb in callbacks:
             cb.on_step_end(ctx, logs)
+        if _stop_agreed(ctx, stop, logged) and ctx.step < job.train.steps:
+            _stop_with_checkpoint(ctx, window, stop.signame or "SIGTERM")
     return None if last_loss is None else all_mean(float(last_loss.item()))
+
+
+def _stop_agreed(ctx: TrainContext, stop: StopRequest, logged: bool) -> bool:
+    """Whether to stop after this step. One process checks its own flag every step; several agree at
+    logged steps (every rank reaches the same collective; a signal may reach only some of them)."""
+    if ctx.world_size == 1:
+        return stop.signame is not None
+    return logged and not all_true(stop.signame is None)
+
+
+def _stop_with_checkpoint(ctx: TrainContext, window: LossWindow, signame: str) -> None:
+    bad = window.first_bad()
+    if bad is not None:  # never checkpoint weights a NaN step produced
+        raise TrainingError(_nan_message(ctx, *bad))
+    last = ctx.last_checkpoint
+    path = last if last is not None and last.name == f"step-{ctx.step}" else ckpt.save_checkpoint(ctx)
+    job_file = ctx.job.source or "JOB.yaml"
+    raise RunInterrupted(
+        signame,
+        ctx.step,
+        path,
+        f"stopped by {signame} at step {ctx.step} of {ctx.job.train.steps}; checkpoint {path}; "
+        f"resume with: diffcore run {job_file} --resume",
+    )
 
 
 def _nan_message(ctx: TrainContext, step: int, value: float) -> str:
