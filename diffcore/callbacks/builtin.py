@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -41,7 +42,9 @@ class MetricsCallback(Callback):
 
     def on_train_start(self, ctx: Any) -> None:
         if ctx.is_main:
-            self.file = open(ctx.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = ctx.output_dir / "metrics.jsonl"
+            _drop_rows_after(path, ctx.step)
+            self.file = open(path, "a", encoding="utf-8")
 
     def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
         if self.file is not None and logs is not None:
@@ -58,6 +61,24 @@ class MetricsCallback(Callback):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows up to ``step``: a resumed run logs the steps after its checkpoint again, so rows
+    that an interrupted run wrote past its last checkpoint would otherwise appear twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue  # a line torn by a kill mid-write
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class ProgressCallback(Callback):
@@ -172,6 +193,10 @@ class SampleCallback(Callback):
                     width=width, device=ctx.device, where="$.callbacks[sample].references",
                 )
             )  # fmt: skip
+        from diffcore.sampling import batch_size
+
+        # image k has seed seed + k, as in `diffcore sample --seed`: the same image either way
+        seeds = [self.config.seed + k for k in range(batch_size(batch))]
         pixels = _eval_generate(
             ctx,
             generate,
@@ -182,18 +207,35 @@ class SampleCallback(Callback):
             sampler=self.config.sampler,
             sampler_options=self.config.sampler_options,
             guidance=self.config.guidance,
-            seed=self.config.seed,
+            seed=seeds,
         )
         folder = ctx.output_dir / "samples" / f"step-{ctx.step}"
         if ctx.is_main:
-            _save(pixels, folder, "sample", "grid.png")
+            names, texts = _describe_samples(self.config, seeds, ctx, f"{width}x{height}")
+            _save(pixels, folder, "sample", "grid.png", names=names, texts=texts)
         return folder
 
 
-def _save(pixels: Any, folder: Path, prefix: str, grid_name: str) -> None:
+def _describe_samples(config: Any, seeds: list[int], ctx: Any, size: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """File-name stems and PNG text of the sample callback's images, in batch order."""
+    from diffcore.sampling import sample_name
+
+    prompts = [p for p in config.prompts for _ in range(config.count)] if config.prompts else None
+    labels = [lab for lab in config.labels for _ in range(config.count)] if config.labels else None
+    names, texts = [], []
+    for k, seed in enumerate(seeds):
+        prompt = prompts[k] if prompts else None
+        label = labels[k] if labels else None
+        names.append(sample_name(k, seed, label=label, prompt=prompt))
+        texts.append({"prompt": prompt, "label": label, "seed": seed, "sampler": config.sampler, "steps": config.steps,
+                      "guidance": config.guidance, "size": size, "step": ctx.step})
+    return names, texts
+
+
+def _save(pixels: Any, folder: Path, prefix: str, grid_name: str, **described: Any) -> None:
     from diffcore.sampling import image_grid, save_png
 
-    save_png(pixels, folder, prefix=prefix)
+    save_png(pixels, folder, prefix=prefix, **described)
     image_grid(pixels).save(folder / grid_name)
 
 
