@@ -16,7 +16,7 @@ import torch
 
 from diffcore.diffusion import objectives
 from diffcore.diffusion.guidance import classifier_free_guidance
-from diffcore.diffusion.samplers import BuiltinSampler, Sampler, StepCallback
+from diffcore.diffusion.samplers import BuiltinSampler, Generators, Sampler, StepCallback, noise_like
 from diffcore.errors import UserError
 from diffcore.method import Method
 from diffcore.model import DiffusionModel
@@ -44,7 +44,7 @@ def generate(
     sampler_options: Mapping[str, Any] | None = None,
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     eta: float = 0.0,
     karras: bool = False,
     callback: StepCallback | None = None,
@@ -55,7 +55,9 @@ def generate(
 
     ``guidance`` other than 1 applies classifier-free guidance against ``model.null_batch(batch)``;
     distilled-guidance models get it as ``predict(..., guidance=)`` instead (None: their default). ``seed`` fixes the start
-    noise and every stochastic step, independent of device. ``karras`` spaces DDPM-family levels per
+    noise and every stochastic step, independent of device; a sequence gives one seed per image, so an
+    image depends on its own seed alone, not on the batch it was drawn in (for a plugin sampler
+    that draws step noise, through :func:`diffcore.diffusion.samplers.noise_like`). ``karras`` spaces DDPM-family levels per
     Karras et al. ``sampler`` is a registered sampler's name (built with ``sampler_options``, see
     :func:`build_sampler`) or a built sampler; ``eta`` is DDIM's noise (for a sampler given by name
     whose config has ``eta``). ``method``: predict through ``method.predict`` (a
@@ -83,8 +85,14 @@ def generate(
             )
         shape = (n, int(model.latent_channels), height // down, width // down)
         device = model.device
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        generator: Generators
+        if isinstance(seed, Sequence):
+            if len(seed) != n:
+                raise ValueError(f"{len(seed)} seeds for a batch of {n}")
+            generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = noise_like(torch.empty(shape), generator).to(device)
 
         seq_len = None
         if scheduler.kind == "flow":
@@ -167,16 +175,44 @@ def to_pil(pixels: torch.Tensor) -> list:
     return out
 
 
-def save_png(pixels: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
-    """Write each image of a (B, C, H, W) batch in [-1, 1] as ``<prefix>-<i>.png``; returns the paths."""
+def save_png(
+    pixels: torch.Tensor,
+    directory: str | Path,
+    prefix: str = "sample",
+    *,
+    names: Sequence[str] | None = None,
+    texts: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Path]:
+    """Write each image of a (B, C, H, W) batch in [-1, 1] as ``<prefix>-<i>.png`` (or ``<prefix>-<name>.png``
+    with ``names``); ``texts`` are written into each PNG as text chunks (what made it: prompt or label,
+    seed, sampler, steps, guidance). Returns the paths."""
+    from PIL.PngImagePlugin import PngInfo
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(to_pil(pixels)):
-        path = directory / f"{prefix}-{i:03d}.png"
-        image.save(path)
+        path = directory / f"{prefix}-{names[i] if names is not None else f'{i:03d}'}.png"
+        info = None
+        if texts is not None:
+            info = PngInfo()
+            for key, value in texts[i].items():
+                if value is not None:
+                    info.add_itxt(str(key), str(value))
+        image.save(path, pnginfo=info)
         paths.append(path)
     return paths
+
+
+def sample_name(index: int, seed: int, *, label: int | None = None, prompt: str | None = None, limit: int = 40) -> str:
+    """A file-name stem saying what an image is: its index, label or prompt (shortened) and seed."""
+    import re
+
+    what = f"label{label}" if label is not None else ""
+    if prompt is not None:
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+        what = f"{what}-{slug}" if what else slug
+    return "-".join(part for part in (f"{index:03d}", what, f"seed{seed}") if part)
 
 
 def image_grid(images: Sequence[Any] | torch.Tensor, columns: int | None = None) -> Any:

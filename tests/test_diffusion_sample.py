@@ -175,7 +175,8 @@ def test_sample_from_output_matches_generate(tmp_path):
         main(argv + ["--sampler", "dpmpp_2m", "--guidance", "2", "--out", str(dest), "--device", "cpu"]) == 0
     )
     files = sorted(p.name for p in dest.iterdir())
-    assert files == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png", "sample-003.png"]
+    assert files == ["grid.png", "sample-000-label1-seed0.png", "sample-001-label1-seed1.png",
+                     "sample-002-label3-seed2.png", "sample-003-label3-seed3.png"]
     # the same images as generate() on the same weights (what the training callback calls)
     sched = diffcore.load_scheduler("ddpm", beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     pixels = generate(
@@ -187,11 +188,40 @@ def test_sample_from_output_matches_generate(tmp_path):
         steps=4,
         sampler="dpmpp_2m",
         guidance=2.0,
-        seed=0,
+        seed=[0, 1, 2, 3],
     )
     want = np.asarray(to_pil(pixels[2:3])[0])
-    assert np.array_equal(np.asarray(Image.open(dest / "sample-002.png")), want)
+    image = Image.open(dest / "sample-002-label3-seed2.png")
+    assert np.array_equal(np.asarray(image), want)
+    # what made the image travels with it
+    assert {k: image.text[k] for k in ("label", "seed", "sampler", "steps", "guidance")} == {
+        "label": "3", "seed": "2", "sampler": "dpmpp_2m", "steps": "4", "guidance": "2.0"}
     assert Image.open(dest / "grid.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "ddim"])
+def test_an_images_seed_does_not_depend_on_the_batch_size(tmp_path, sampler):
+    """euler_a draws noise at every step: each image keeps its own stream whatever batch it is in."""
+    out, _ = _trained_output(tmp_path)
+    found = {}
+    for batch in (1, 3):
+        dest = tmp_path / f"b{batch}"
+        argv = ["sample", "--from", str(out), "--label", "1", "--label", "2", "--count", "2", "--steps", "3",
+                "--sampler", sampler, "--eta", "1", "--seed", "7", "--batch-size", str(batch), "--out", str(dest),
+                "--device", "cpu", "--no-grid"]
+        assert main(argv) == 0
+        found[batch] = {p.name: np.asarray(Image.open(p)) for p in dest.iterdir()}
+    assert found[1].keys() == found[3].keys() and len(found[1]) == 4
+    for name in found[1]:
+        assert np.array_equal(found[1][name], found[3][name]), name
+
+
+def test_a_label_out_of_range_names_the_flag(tmp_path, capsys):
+    out, _ = _trained_output(tmp_path)
+    assert main(["sample", "--from", str(out), "--label", "12", "--steps", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "diffcore: error: --label: label 12 is out of range: the model has 4 classes (give a label from 0 to 3)\n"
+    )
 
 
 def test_sample_from_a_checkpoint_and_with_an_adapter(tmp_path):
@@ -210,9 +240,9 @@ def test_sample_from_a_checkpoint_and_with_an_adapter(tmp_path):
     assert (
         main(common + ["--out", str(tmp_path / "c"), "--adapter", f"{tmp_path / 'style.safetensors'}:0"]) == 0
     )
-    plain = np.asarray(Image.open(tmp_path / "a" / "sample-000.png"))
-    styled = np.asarray(Image.open(tmp_path / "b" / "sample-000.png"))
-    off = np.asarray(Image.open(tmp_path / "c" / "sample-000.png"))
+    plain = np.asarray(Image.open(next((tmp_path / "a").glob("sample-000*.png"))))
+    styled = np.asarray(Image.open(next((tmp_path / "b").glob("sample-000*.png"))))
+    off = np.asarray(Image.open(next((tmp_path / "c").glob("sample-000*.png"))))
     assert not (tmp_path / "a" / "grid.png").exists()
     assert not np.array_equal(plain, styled) and np.array_equal(plain, off)
 
@@ -220,7 +250,7 @@ def test_sample_from_a_checkpoint_and_with_an_adapter(tmp_path):
 def test_sample_from_a_model_type(tmp_path):
     argv = ["sample", "--model", "example-tiny", "--model-option", "width=16", "--label", "0", "--steps", "2"]
     assert main(argv + ["--height", "8", "--out", str(tmp_path), "--sampler", "heun", "--device", "cpu"]) == 0
-    assert (tmp_path / "sample-000.png").is_file()
+    assert (next(tmp_path.glob("sample-000*.png"))).is_file()
 
 
 @pytest.mark.parametrize(

@@ -200,10 +200,15 @@ def test_sampling_callbacks_write_images_and_quality(tmp_path):
     ]
     train(tiny_job(out, callbacks=callbacks, train={"steps": 2, "ema_decay": 0.9}))
     pngs = sorted(p.name for p in (out / "samples" / "step-2").iterdir())
-    assert pngs == ["grid.png", "sample-000.png", "sample-001.png", "sample-002.png", "sample-003.png"]
+    assert pngs == ["grid.png", "sample-000-label0-seed0.png", "sample-001-label0-seed1.png",
+                    "sample-002-label3-seed2.png", "sample-003-label3-seed3.png"]
     from PIL import Image
 
-    assert Image.open(out / "samples" / "step-2" / "sample-000.png").size == (8, 8)
+    made = Image.open(out / "samples" / "step-2" / "sample-002-label3-seed2.png").text
+    assert {k: made[k] for k in ("label", "seed", "sampler", "steps", "guidance", "step")} == {
+        "label": "3", "seed": "2", "sampler": "ddim", "steps": "4", "guidance": "2.0", "step": "2"}
+
+    assert Image.open(next((out / "samples" / "step-2").glob("sample-000*.png"))).size == (8, 8)
     quality = json.loads((out / "quality.json").read_text())
     assert quality["samples"] == 8 and 0.0 <= quality["class_agreement"] <= 1.0
     assert (out / "samples" / "final" / "grid-red-circle.png").is_file()

@@ -225,6 +225,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"image {args.control!r} not found", where="--control")
 
 
+def _check_labels(labels: list[int], model: Any) -> None:
+    """Labels name a class the model has: 0 .. null_label - 1 (the null label is the "no class" one)."""
+    if not labels:
+        return
+    classes = model.null_label
+    if classes is None:
+        raise UserError("this model takes no class labels", where="--label", hint="give --prompt TEXT instead")
+    bad = [label for label in labels if not 0 <= label < classes]
+    if bad:
+        raise UserError(
+            f"label {bad[0]} is out of range: the model has {classes} classes", where="--label",
+            hint=f"give a label from 0 to {classes - 1}",
+        )
+
+
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for text in args.sampler_options:
@@ -398,7 +413,7 @@ def sample_command(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from diffcore.sampling import build_sampler, generate, image_grid, save_png
+    from diffcore.sampling import build_sampler, generate, image_grid, sample_name, save_png
 
     sampler = build_sampler(args.sampler, _sampler_options(args), eta=args.eta, where="--sampler")
     loaded = load_for_sampling(args)
@@ -424,8 +439,11 @@ def sample_command(args: argparse.Namespace) -> int:
             hint=" ".join(f"--input {key}=IMAGE" for key in missing),
         )
 
+    _check_labels(args.labels, model)
     n = max(len(args.prompts), len(args.labels))
     entries = [(i, j) for i in range(n) for j in range(args.count)]
+    # an image's seed is --seed plus its index: the same image whatever --batch-size
+    seeds = [args.seed + k for k in range(len(entries))]
     out_dir = (
         Path(args.out) if args.out else (output_dir / "samples" / "cli" if output_dir else Path("samples"))
     )
@@ -433,7 +451,7 @@ def sample_command(args: argparse.Namespace) -> int:
     if guidance is None:  # distilled-guidance models keep their own default
         guidance = None if model.guidance_embedded else 4.0
     images = []
-    for chunk_index, start in enumerate(range(0, len(entries), args.batch_size)):
+    for start in range(0, len(entries), args.batch_size):
         chunk = entries[start : start + args.batch_size]
         batch: dict[str, Any] = {}
         if args.prompts:
@@ -463,14 +481,21 @@ def sample_command(args: argparse.Namespace) -> int:
                 sampler=sampler,
                 guidance=guidance,
                 guidance_rescale=args.guidance_rescale,
-                seed=args.seed + chunk_index,
+                seed=seeds[start : start + len(chunk)],
                 method=method,
             )
         except ValueError as exc:
             raise UserError(str(exc), where="diffcore sample") from None
         images.append(pixels.cpu())
     pixels = torch.cat(images)
-    paths = save_png(pixels, out_dir)
+    names, texts = [], []
+    for k, (i, _) in enumerate(entries):
+        label = args.labels[i] if args.labels else None
+        prompt = args.prompts[i] if args.prompts else None
+        names.append(sample_name(k, seeds[k], label=label, prompt=prompt))
+        texts.append({"prompt": prompt, "label": label, "seed": seeds[k], "sampler": args.sampler,
+                      "steps": args.steps, "guidance": guidance, "size": f"{width}x{height}"})
+    paths = save_png(pixels, out_dir, names=names, texts=texts)
     if not args.no_grid:
         image_grid(pixels, columns=args.count if args.count > 1 else None).save(out_dir / "grid.png")
     print(f"diffcore sample: {len(paths)} images in {out_dir}", flush=True)

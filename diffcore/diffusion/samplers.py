@@ -14,7 +14,7 @@ following :class:`Sampler`. The built-in ones are :class:`BuiltinSampler` over :
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -38,6 +38,9 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], None]
+#: one generator for the whole batch, or one per row (``diffcore sample``'s per-image seeds); a
+#: sampler that draws noise takes either through :func:`noise_like`
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class Sampler(Protocol):
@@ -48,7 +51,8 @@ class Sampler(Protocol):
     levels, "ddim" for leading timesteps, "dpmpp_2m" for rounded multistep ones...).
     ``__call__`` walks ``schedule`` from the start latent ``x`` (noise already scaled by
     ``schedule.init_noise_scale``) and returns the final latent; ``denoise(x, i)`` gives (x0, eps)
-    at level i, and a stochastic step draws its noise from ``generator``. A plugin's sampler gets the
+    at level i, and a stochastic step draws its noise from ``generator`` with :func:`noise_like` (one generator, or one
+    per row). A plugin's sampler gets the
     x0 options by giving its config the fields of :class:`diffcore.X0Options` (subclass it) and
     wrapping its denoiser with :func:`with_x0_options`.
     """
@@ -62,7 +66,7 @@ class Sampler(Protocol):
         x: torch.Tensor,
         schedule: SamplingSchedule,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor: ...
 
@@ -137,17 +141,24 @@ class BuiltinSampler:
         x: torch.Tensor,
         schedule: SamplingSchedule,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         denoise = with_x0_options(denoise, schedule, self.x0_options)
         return sample(self.method, denoise, x, schedule, generator=generator, eta=self.eta, callback=callback)
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, from ``generator``: one generator for the batch, or
+    one per row (so each image's noise depends on its own seed alone, whatever the batch size)."""
+    if isinstance(generator, Sequence):
+        return torch.cat([noise_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     # drawn on the generator's device so a seed gives the same sample on any accelerator
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+_noise = noise_like
 
 
 def _posterior(a_t: float, s_t: float, a_s: float, s_s: float) -> float:
@@ -173,7 +184,7 @@ def sample(
     x: torch.Tensor,
     schedule: SamplingSchedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 0.0,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
@@ -235,7 +246,7 @@ def _euler_ancestral(
     eps: torch.Tensor,
     schedule: SamplingSchedule,
     i: int,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> torch.Tensor:
     noise = _noise(x, generator)
     a_t, s_t, a_s, s_s = (
@@ -285,7 +296,7 @@ def run(
     noise: torch.Tensor,
     schedule: SamplingSchedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 0.0,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
