@@ -160,8 +160,17 @@ def test_a_model_without_residual_inputs_is_a_user_error() -> None:
     assert err.value.where == "$.model.type"
 
 
-@pytest.mark.slow
-def test_a_controlnet_job_on_dit_exits_2(tmp_path: Path) -> None:
+def _run_cli(job: dict[str, Any], output_dir: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """``diffcore run`` in this process: (exit status, stderr)."""
+    from diffcore.cli import main
+    from diffcore.testing.jobs import write_job
+
+    capsys.readouterr()
+    status = main(["run", str(write_job(job, output_dir))])
+    return status, capsys.readouterr().err
+
+
+def test_a_controlnet_job_on_a_model_without_residual_inputs_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     job = {
         "model": {
             "type": "dit",
@@ -177,15 +186,16 @@ def test_a_controlnet_job_on_dit_exits_2(tmp_path: Path) -> None:
         "data": {"type": "synthetic", "resolution": 8, "size": 8},
         "train": {"steps": 1, "batch_size": 2},
     }
-    run = run_job(job, tmp_path / "run", spawn=True, expect_exit=2)
-    assert "takes no ControlNet residuals" in run.stderr and "$.model.type" in run.stderr
+    status, err = _run_cli(job, tmp_path / "run", capsys)
+    assert status == 2
+    assert "takes no ControlNet residuals" in err and "$.model.type" in err
 
 
-def test_missing_control_images_are_a_user_error(pixel_sd15: Path, tmp_path: Path) -> None:
+def test_missing_control_images_exit_2(pixel_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     metadata = _images(tmp_path / "data", 4, with_control=False)
-    with pytest.raises(UserError, match="no control image") as err:
-        run_job(_job(pixel_sd15, metadata, steps=1), tmp_path / "run")
-    assert err.value.where == "$.data"
+    status, err = _run_cli(_job(pixel_sd15, metadata, steps=1), tmp_path / "run", capsys)
+    assert status == 2
+    assert "no control image" in err and "$.data" in err
 
 
 @pytest.mark.slow
