@@ -67,6 +67,14 @@ class ClassAgreementConfig:
     seed: int = 1234
 
 
+@attrs.define(kw_only=True)
+class ReportConfig:
+    """Keeps ``report.html`` in the output directory current (``diffcore run --report`` adds it)."""
+
+    #: at most one rewrite per this many seconds at logged steps (checkpoints, samples and the end always rewrite)
+    every_s: float = 30.0
+
+
 def _factory(path: str):
     def build(config):
         import importlib
@@ -85,6 +93,7 @@ def records() -> list:
         CallbackSpec(name="progress", config=ProgressConfig, factory=_factory(base + "ProgressCallback")),
         CallbackSpec(name="tensorboard", config=TensorBoardConfig, factory=_factory(base + "TensorBoardCallback")),
         CallbackSpec(name="sample", config=SampleConfig, factory=_factory(base + "SampleCallback")),
+        CallbackSpec(name="report", config=ReportConfig, factory=_factory("diffcore.report.callback.ReportCallback")),
         CallbackSpec(
             name="class_agreement", config=ClassAgreementConfig, factory=_factory(base + "ClassAgreementCallback")
         ),

@@ -37,4 +37,5 @@ def records() -> list[CommandSpec]:
         _command("plugins", "list installed plugins and what they register"),
         _command("sample", "generate images from a trained or pretrained model"),
         _command("cache", "precompute latent and text caches for a job"),
+        _command("report", "write a run's report.html (curves, samples, job, plugins, checkpoints)"),
     ]
