@@ -10,6 +10,7 @@ together.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -227,3 +228,14 @@ class DiffusionModel:
         """The inverse of ``export_state_dict("diffusers")``: fill the backbone from that export
         (``diffcore sample --from`` uses it). The default loads by the backbone's own names."""
         load_into(self.backbone, tensors, where=where, device=self.device, dtype=self.dtype)
+
+    def save_pretrained(self, path: str | Path, layout: Literal["original", "diffusers"] = "diffusers") -> Path:
+        """Write the model as a published file: the diffusers folder (``"diffusers"``) or the
+        original single file (``"original"``; ``path`` itself when it ends in ``.safetensors``).
+        Returns what was written. ``diffcore convert`` uses it; the default says this architecture
+        cannot convert."""
+        raise UserError(
+            f"{type(self).__name__} ({self.architecture or 'this architecture'}) cannot write its published layouts",
+            where="diffcore convert",
+            hint="its plugin does not implement save_pretrained; convert with the tools of its own project",
+        )

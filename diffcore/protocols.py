@@ -82,6 +82,20 @@ class Adapter(Protocol):
 
 
 @runtime_checkable
+class AppliedAdapter(Protocol):
+    """What ``Adapter.from_file`` returns when ``diffcore convert`` uses it: the file's adapter on a
+    model. ``save(path, fmt)`` writes it in another file format (kohya <-> PEFT); ``merge()`` folds
+    it into the model's weights at the strength it was applied with and ``detach()`` then takes the
+    adapter's own modules out, leaving the merged weights (``convert --merge``)."""
+
+    def save(self, path: str | Path, fmt: str | None = None, metadata: Mapping[str, str] | None = None) -> None: ...
+
+    def merge(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+@runtime_checkable
 class Dataset(Protocol):
     """A map-style dataset of examples.
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from diffcore.layouts import LayoutProbe
 
 _NAME_CHARS = "-_.+"
 
@@ -44,9 +47,15 @@ class ModelSpec(ComponentSpec):
     """A model architecture. ``factory(config) -> DiffusionModel`` (see :mod:`diffcore.model`).
 
     ``cache_aware``: the config has a ``load_encoders: bool`` field, and the kernel sets it false
-    when the job's latent/text cache holds everything the encoders would compute."""
+    when the job's latent/text cache holds everything the encoders would compute.
+
+    ``detect(probe) -> "original" | "diffusers" | None``: which of this architecture's published
+    layouts a weights file or folder is in, judged from its tensor names, shapes and configs (a
+    :class:`diffcore.layouts.LayoutProbe`; torch-free), None when it is not this architecture's.
+    ``diffcore convert`` asks every model; None (the default) recognises nothing."""
 
     cache_aware: bool = False
+    detect: Callable[[LayoutProbe], str | None] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -56,7 +65,13 @@ class SchedulerSpec(ComponentSpec):
 
 @attrs.frozen(kw_only=True)
 class AdapterSpec(ComponentSpec):
-    """A parameter-efficient adapter. ``factory(config) -> Adapter``."""
+    """A parameter-efficient adapter. ``factory(config) -> Adapter``.
+
+    ``detect(probe) -> file format | None``: the format (e.g. "kohya", "peft") of an adapter file
+    this component reads, from its tensor names (torch-free); None when it is not one. ``diffcore
+    convert`` asks every adapter; None (the default) recognises nothing."""
+
+    detect: Callable[[LayoutProbe], str | None] | None = None
 
 
 @attrs.frozen(kw_only=True)
