@@ -91,3 +91,8 @@ def diffusers_module_name(path: str) -> str | None:
     """diffusers' name for diffcore module ``path`` (None for the fused ``attn.qkv``, which diffusers
     splits into three)."""
     return diffusers(1).file_name(path)
+
+
+def diffusers_module_names(path: str) -> tuple[str, ...] | None:
+    """diffusers' names for diffcore module ``path``: one, or three for the fused ``attn.qkv``."""
+    return diffusers(1).file_names(path)

@@ -11,11 +11,12 @@ import attrs
 import torch
 
 from diffcore.errors import UserError
-from diffcore.model import DiffusionModel
+from diffcore.model import AdapterKey, DiffusionModel
 from diffcore.weights import load_into, save_safetensors
 from diffcore_dit.config import DiTArch
 from diffcore_dit.convert import (
     diffusers_module_name,
+    diffusers_module_names,
     from_diffusers,
     original_key,
     to_diffusers,
@@ -134,10 +135,16 @@ class DiTModel(DiffusionModel):
         save_safetensors(tensors, file, {"format": "pt", ARCH_METADATA: arch})
         return file
 
-    def adapter_key(self, module_path: str, layout: str) -> str | None:
+    def adapter_key(self, module_path: str, layout: str) -> AdapterKey:
+        """original: facebookresearch/DiT's name; diffusers: DiTTransformer2DModel's, or for the fused
+        ``attn.qkv`` its three parts ``attn1.to_q/k/v`` of ``hidden_size`` rows each (PEFT files)."""
         if layout == "original":
             return original_key(module_path)
-        return diffusers_module_name(module_path)
+        name = diffusers_module_name(module_path)
+        if name is not None or not module_path.endswith(".attn.qkv"):
+            return name
+        parts = diffusers_module_names(module_path)
+        return [(part, self.arch.hidden_size) for part in parts] if parts else None
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.backbone.gradient_checkpointing = enabled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import diffcore
 from diffcore_dit.config import DiTConfig
+from diffcore_dit.detect import detect
 
 
 def _build(config: DiTConfig):
@@ -20,6 +21,7 @@ def diffcore_register_models():
             name="dit",
             config=DiTConfig,
             factory=_build,
+            detect=detect,
             description="Diffusion Transformer (class-conditional, pixel or latent space; S/B/L/XL, patch 2/4/8)",
         )
     ]

@@ -120,7 +120,11 @@ def test_adapter_targets_and_names():
     )
     assert model.adapter_key("blocks.1.attn.proj", "original") == "blocks.1.attn.proj"
     assert model.adapter_key("blocks.1.mlp.fc1", "diffusers") == "transformer_blocks.1.ff.net.0.proj"
-    assert model.adapter_key("blocks.0.attn.qkv", "diffusers") is None  # fused here, three modules in diffusers
+    # fused here, three modules in diffusers: PEFT files hold one part per module, hidden_size rows each
+    hidden = model.arch.hidden_size
+    assert model.adapter_key("blocks.0.attn.qkv", "diffusers") == [
+        (f"transformer_blocks.0.attn1.to_{x}", hidden) for x in "qkv"
+    ]
 
 
 def test_bfloat16_and_export_layouts():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import diffcore
 from diffcore_flux.config import FluxConfig
+from diffcore_flux.detect import detect_flux, detect_flux2
 from diffcore_flux.flux2.config import Flux2Config
 
 
@@ -27,6 +28,7 @@ def diffcore_register_models():
             name="flux",
             config=FluxConfig,
             factory=_build,
+            detect=detect_flux,
             description="Flux.1 dev/schnell transformer with T5 + CLIP-L text and optional Kontext references",
         ),
         diffcore.ModelSpec(
@@ -34,6 +36,7 @@ def diffcore_register_models():
             name="flux2",
             config=Flux2Config,
             factory=_build_flux2,
+            detect=detect_flux2,
             description="Flux.2 dev (Mistral) and klein 4B/9B (Qwen3) with multi-reference Kontext and Fill",
         ),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import diffcore
 from diffcore_lora.config import DoraConfig, LohaConfig, LokrConfig, LoraConfig
+from diffcore_lora.detect import detect
 
 
 def _factory(kind: str):
@@ -24,6 +25,8 @@ def diffcore_register_adapters():
             name="lora",
             config=LoraConfig,
             factory=_factory("lora"),
+            # one reader for every kind: from_file takes LoRA, DoRA, LoKr and LoHa tensors alike
+            detect=detect,
             description="low-rank adapter (kohya/PEFT)",
         ),
         diffcore.AdapterSpec(

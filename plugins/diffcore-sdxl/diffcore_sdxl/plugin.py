@@ -6,6 +6,7 @@ from typing import Any
 
 import diffcore
 from diffcore_sdxl.config import SD15Config, SD21Config, SDXLConfig
+from diffcore_sdxl.detect import detector
 
 
 def _build(config: Any) -> Any:
@@ -22,17 +23,23 @@ def diffcore_register_models() -> list[diffcore.ModelSpec]:
             name="sdxl",
             config=SDXLConfig,
             factory=_build,
+            detect=detector("sdxl"),
             description="Stable Diffusion XL base (UNet, CLIP-L + OpenCLIP-bigG, size/crop conditioning)",
         ),
         diffcore.ModelSpec(
             cache_aware=True,
-            name="sd15", config=SD15Config, factory=_build, description="Stable Diffusion 1.x (UNet, CLIP-L)"
+            name="sd15",
+            config=SD15Config,
+            factory=_build,
+            detect=detector("sd15"),
+            description="Stable Diffusion 1.x (UNet, CLIP-L)",
         ),
         diffcore.ModelSpec(
             cache_aware=True,
             name="sd21",
             config=SD21Config,
             factory=_build,
+            detect=detector("sd21"),
             description="Stable Diffusion 2.x (UNet, OpenCLIP-H, v-prediction at 768 px)",
         ),
     ]
