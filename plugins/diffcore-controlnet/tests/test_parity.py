@@ -158,3 +158,19 @@ def test_flux_model_output_is_unchanged_at_init(tmp_path: Path) -> None:
     with torch.no_grad():
         residuals = net(latents, t, cond, control, guidance=g)
         assert torch.equal(model.predict(latents, t, cond, guidance=g, **residuals), model.predict(latents, t, cond, guidance=g))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_saved_folder_is_where_a_run_or_sample_can_start(tmp_path: Path, family: str) -> None:
+    if family == "flux":
+        model, _ = _flux(tmp_path)
+        options = {"num_layers": 2, "num_single_layers": 1}
+    else:
+        model, _ = _unet_model(tmp_path, family)
+        options = {"conditioning_embedding_out_channels": WIDTHS}
+    net = randomize(ControlNetMethod(ControlNetConfig(**options)).modules(model)["controlnet"], seed=4)
+    folder = layouts.save_folder(net, net.state_dict(), tmp_path / "cn", {})
+    again = ControlNetMethod(ControlNetConfig(pretrained=str(folder))).modules(model)["controlnet"]
+    ours, theirs = net.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
