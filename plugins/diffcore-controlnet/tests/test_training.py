@@ -150,6 +150,12 @@ def test_trains_under_zero_and_exports_the_published_layouts(pixel_sd15: Path, t
     assert len(original) == len(published)
     # a checkpoint holds the same layouts
     assert (run.output_dir / "checkpoints" / "step-2" / "controlnet" / "config.json").is_file()
+    # and diffcore sample takes the run with a control image
+    from diffcore.cli import main
+
+    args = ["sample", "--from", str(run.output_dir), "--prompt", "a square", "--steps", "2", "--height", "64"]
+    assert main([*args, "--control", str(metadata.parent / "2-edge.png"), "--guidance", "1"]) == 0
+    assert list((run.output_dir / "samples" / "cli").glob("*.png"))
 
 
 def test_a_model_without_residual_inputs_is_a_user_error() -> None:
