@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # an unusable command explains itself whatever options it was given
     if extra and not getattr(args, "_unavailable", None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.debug:  # third-party start-up output (op builds, warnings) is shown, here and in children
+        os.environ["DIFFCORE_DEBUG"] = "1"
     try:
         return _dispatch(args, parser)
     except (UserError, PluginError) as exc:

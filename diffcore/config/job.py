@@ -106,6 +106,10 @@ class TrainConfig:
     #: drop a bucket's last, incomplete batch each epoch; false fills it by repeating the bucket's examples
     drop_last: bool = True
     device: str = "auto"
+    #: intra-op CPU threads per process; None: $OMP_NUM_THREADS if set, else physical cores / local processes
+    num_threads: int | None = attrs.field(default=None, validator=_at_least(1))
+    #: warn when nothing (no step, no phase) finishes for this many seconds; None: never
+    stall_warning_s: float | None = 600.0
     #: seconds a collective waits for the other processes before the run stops naming the rank
     collective_timeout_s: float = attrs.field(default=1800.0, validator=_positive)
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)

@@ -36,11 +36,12 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> Dist:
+def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0, num_threads: int | None = None) -> Dist:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) through DeepSpeed, once.
 
     Without a launcher the process becomes rank 0 of a world of one. ``timeout_s`` bounds every
     collective: a rank that waits longer on a stopped or stuck peer fails instead of hanging.
+    ``num_threads`` sets the intra-op threads (see :func:`threads_per_process`).
     """
     # A world of one that a diffcore parent process set up is not ours to join: a child process
     # (a subprocess run, a sampler) would knock on the parent's rendezvous port.
@@ -78,11 +79,41 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> Di
     world = td.get_world_size()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif world > 1:
-        # processes on one CPU share its cores instead of each taking them all
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(threads_per_process(num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return Dist(rank=td.get_rank(), local_rank=local_rank, world_size=world, device=device)
+
+
+def threads_per_process(configured: int | None, local_processes: int) -> int:
+    """Intra-op threads: ``train.num_threads`` when set, else ``$OMP_NUM_THREADS`` when the user (or
+    torchrun, which sets 1) set it, else the physical cores this process may use shared among the
+    processes on this machine. More threads than free cores make a shared CPU far slower, not faster."""
+    if configured:
+        return configured
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, physical_cores() // max(1, local_processes))
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu, package = None, "0"
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu, package = int(value), "0"
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((package, value))
+    except (OSError, ValueError):
+        pass
+    return len(cores) or len(allowed) or 1
 
 
 def _default_group_timeout(timeout: timedelta) -> None:

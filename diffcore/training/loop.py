@@ -23,6 +23,7 @@ from diffcore.training.distributed import all_mean, all_true, barrier, init_dist
 from diffcore.training.ema import EMA
 from diffcore.training.interrupt import RunInterrupted, StopRequest
 from diffcore.training.modules import TrainedModules, parameter_names
+from diffcore.training.phases import Phases, captured_output
 from diffcore.training.reshard import needs_universal
 from diffcore.training.run_lock import RunLock, acquire
 from diffcore.training.schedule import lr_lambda
@@ -64,7 +65,9 @@ def scheduler_section(job: Job, model: Any) -> Section:
 
 
 def run_job(job: Job, *, resume: bool = False) -> TrainResult:
-    dist = init_distributed(job.train.device, job.train.collective_timeout_s)
+    # DeepSpeed prints its communication op build here: shown with --debug or if it fails
+    with captured_output():
+        dist = init_distributed(job.train.device, job.train.collective_timeout_s, job.train.num_threads)
     torch.manual_seed(hash_seed(job.seed, dist.rank, 1))
     import random
 
@@ -75,9 +78,11 @@ def run_job(job: Job, *, resume: bool = False) -> TrainResult:
 
     out = Path(job.output_dir)
     lock = _take_output_dir(out, dist.rank)
+    phases = Phases(main=dist.rank == 0, stall_after_s=job.train.stall_warning_s).start()
     try:
-        return _run_locked(job, dist, out, resume)
+        return _run_locked(job, dist, out, resume, phases)
     finally:
+        phases.close()
         if lock is not None:
             lock.release()
 
@@ -97,7 +102,7 @@ def _take_output_dir(out: Path, rank: int) -> RunLock | None:
     return lock
 
 
-def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
+def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) -> TrainResult:
     newest = ckpt.latest_checkpoint(out)
     if newest is not None and not resume:
         raise UserError(
@@ -110,7 +115,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
         print(f"diffcore: no checkpoint in {out} to resume from; starting at step 0", flush=True)
 
     _check_precision(job, dist.device)
-    dataset = build_component("dataset", job.data.type, job.data.config)
+    with phases.phase("reading the dataset"):
+        dataset = build_component("dataset", job.data.type, job.data.config)
     # the batching is checked before any model loads: a dataset smaller than one batch fails at once
     BucketBatchSampler(dataset, job.train.batch_size, world_size=dist.world_size, drop_last=job.train.drop_last)
     cache = _open_cache(job, dataset)
@@ -118,7 +124,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     if cache is not None and cache.complete and get_registry().get("model", job.model.type).spec.cache_aware:
         # everything the encoders would compute is on disk: do not load them at all
         model_config = attrs.evolve(model_config, load_encoders=False)
-    model = build_component("model", job.model.type, model_config)
+    with phases.phase(f"loading the model ({job.model.type})"):
+        model = build_component("model", job.model.type, model_config)
     sched_section = scheduler_section(job, model)
     scheduler = build_component("scheduler", sched_section.type, sched_section.config)
     method = build_component("method", job.method.type, job.method.config)
@@ -127,7 +134,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
         raise ConfigError(problems, source=job.source)
     model.to(dist.device)
     if cache is not None:
-        dataset = _fill_cache(cache, job, dataset, model, dist.rank)
+        with phases.phase("filling the cache", quiet=False):
+            dataset = _fill_cache(cache, job, dataset, model, dist.rank)
     if job.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
 
@@ -172,12 +180,13 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     # One module holds every trainable parameter (backbone, adapter branches inside it, unfrozen
     # text encoders, the method's modules): clipping, zeroing, the initial broadcast, ZeRO
     # partitioning and mixed precision all apply to the whole of what trains.
-    engine, _, _, _ = deepspeed.initialize(
-        model=container,
-        optimizer=optimizer,
-        lr_scheduler=lr_sched,
-        config=deepspeed_config(job, dist.world_size, load_universal=universal),
-    )
+    with phases.phase("setting up DeepSpeed"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=container,
+            optimizer=optimizer,
+            lr_scheduler=lr_sched,
+            config=deepspeed_config(job, dist.world_size, load_universal=universal),
+        )
     ctx.engine = engine
     if job.train.ema_decay is not None:
         if job.train.deepspeed.zero_stage == 3:
@@ -190,7 +199,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     )
     ctx.sampler = sampler
     if existing is not None:
-        ckpt.load_checkpoint(ctx, existing, universal=universal)
+        with phases.phase(f"resuming from {existing.name}"):
+            ckpt.load_checkpoint(ctx, existing, universal=universal)
         ctx.last_checkpoint = existing
     # everything is built, validated and loaded: only now write into the output directory
     if dist.rank == 0:
@@ -205,7 +215,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool) -> TrainResult:
     stop = StopRequest().install()
     try:
         try:
-            last_loss = _train(ctx, callbacks, stop)
+            last_loss = _train(ctx, callbacks, stop, phases)
         except RuntimeError as exc:
             if not is_collective_timeout(exc) or ctx.world_size == 1:
                 raise
@@ -284,7 +294,7 @@ def _fill_cache(cache: Any, job: Job, dataset: Any, model: Any, rank: int) -> An
     return cache.wrap(dataset)
 
 
-def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest) -> float | None:
+def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: Phases) -> float | None:
     job = ctx.job
     gas = job.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
@@ -305,6 +315,7 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest) -> float 
     last_loss = None
     every = job.train.checkpoint_every
     while ctx.step < job.train.steps:
+        phases.enter(f"training step {ctx.step + 1}")
         for micro in range(gas):
             batch = next(batches)
             ctx.step_random = StepRandom(job.seed, ctx.step * gas + micro, ctx.rank, ctx.world_size)
@@ -336,6 +347,7 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest) -> float 
                 "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
             }
             window_start, window_samples = now, 0
+        phases.enter(f"the callbacks after step {ctx.step} (checkpoint, samples...)")
         for cb in callbacks:
             cb.on_step_end(ctx, logs)
         if _stop_agreed(ctx, stop, logged) and ctx.step < job.train.steps:
