@@ -14,23 +14,20 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from diffcore.nn import attention, checkpointed, modulate, timestep_embedding
+from diffcore.nn import attention, checkpointed, timestep_embedding
 from diffcore_sd3.config import TransformerShape
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+from diffcore_sd3.fused import modulated_layer_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Per-head q/k RMS norm (SD3.5); the fused op keeps only its input and the inverse RMS for backward."""
+    """Per-head q/k RMS norm (SD3.5)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), 1e-6)
+        return rms_norm(x, self.weight, 1e-6)
 
 
 class Mlp(nn.Module):
@@ -97,31 +94,30 @@ class StreamBlock(nn.Module):
         self.pre_only = pre_only
         self.dual = dual
         self.adaLN_modulation = Modulation(dim, 2 if pre_only else (9 if dual else 6))
-        self.norm1 = _layer_norm(dim)
         self.attn = SelfAttention(dim, heads, qk_norm, pre_only)
         self.attn2 = SelfAttention(dim, heads, qk_norm) if dual else None
         if not pre_only:
-            self.norm2 = _layer_norm(dim)
             self.mlp = Mlp(dim, mlp_hidden)
 
+    # The layer norms have no parameters (modulation replaces their affine part), so each one and its
+    # modulation are one function that recomputes the normed tensor in backward.
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
         mod = self.adaLN_modulation.chunks(vec)
-        normed = self.norm1(x)
-        return self.attn.qkv_heads(modulate(normed, mod[0], mod[1])), mod, normed
+        return self.attn.qkv_heads(modulated_layer_norm(x, mod[0], mod[1])), mod
 
-    def post_attention(
-        self, x: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...], normed: torch.Tensor
-    ) -> torch.Tensor:
+    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
         _, _, gate1, shift2, scale2, gate2 = mod[:6]
         assert self.attn.proj is not None
-        x = x + gate1[:, None] * self.attn.proj(attn_out)
+        residual = x
+        x = torch.addcmul(x, gate1[:, None], self.attn.proj(attn_out))
         if self.attn2 is not None:
-            # MMDiT-X: image-only attention on the same normed input, its own shift/scale/gate
+            # MMDiT-X: image-only attention on the block input's norm, its own shift/scale/gate
             shift3, scale3, gate3 = mod[6:]
-            q, k, v = self.attn2.qkv_heads(modulate(normed, shift3, scale3))
+            q, k, v = self.attn2.qkv_heads(modulated_layer_norm(residual, shift3, scale3))
             assert self.attn2.proj is not None
-            x = x + gate3[:, None] * self.attn2.proj(attention(q, k, v))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+            # v on its own: attention keeps its inputs, and a view would keep the whole fused output
+            x = torch.addcmul(x, gate3[:, None], self.attn2.proj(attention(q, k, v.contiguous())))
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulated_layer_norm(x, shift2, scale2)))
 
 
 class JointBlock(nn.Module):
@@ -133,13 +129,13 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, heads, mlp_hidden, qk_norm, pre_only=last, dual=False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (xq, xk, xv), x_mod, x_normed = self.x_block.pre_attention(x, vec)
-        (cq, ck, cv), c_mod, c_normed = self.context_block.pre_attention(c, vec)
+        (xq, xk, xv), x_mod = self.x_block.pre_attention(x, vec)
+        (cq, ck, cv), c_mod = self.context_block.pre_attention(c, vec)
         out = attention(torch.cat((xq, cq), dim=2), torch.cat((xk, ck), dim=2), torch.cat((xv, cv), dim=2))
         n = x.shape[1]
-        x = self.x_block.post_attention(x, out[:, :n], x_mod, x_normed)
+        x = self.x_block.post_attention(x, out[:, :n], x_mod)
         if not self.context_block.pre_only:
-            c = self.context_block.post_attention(c, out[:, n:], c_mod, c_normed)
+            c = self.context_block.post_attention(c, out[:, n:], c_mod)
         return x, c
 
 
@@ -157,13 +153,12 @@ class PatchEmbed(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, out: int):
         super().__init__()
-        self.norm_final = _layer_norm(dim)
         self.linear = nn.Linear(dim, out)
         self.adaLN_modulation = Modulation(dim, 2)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation.chunks(vec)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulated_layer_norm(x, shift, scale))
 
 
 def sincos_positions(dim: int, grid: int, base: int) -> torch.Tensor:
@@ -230,7 +225,8 @@ class SD3Transformer(nn.Module):
         p = self.shape.patch_size
         h, w = height // p, width // p
         dtype = self.context_embedder.weight.dtype
-        tokens = self.x_embedder(x.to(dtype)) + self.cropped_positions(h, w).to(dtype)
+        # the patch embedding is (B, D, L) transposed: make it contiguous once, or every linear copies it
+        tokens = (self.x_embedder(x.to(dtype)) + self.cropped_positions(h, w).to(dtype)).contiguous()
         t = timestep_embedding(
             timesteps.reshape(-1).float() * 1000, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0
         ).to(dtype)

@@ -180,3 +180,22 @@ def test_load_exported_inverts_the_training_export(tmp_path):
     fresh.load_exported(trained.export_state_dict("diffusers"))
     for key, value in trained.backbone.state_dict().items():
         assert torch.equal(fresh.backbone.state_dict()[key], value), key
+
+
+def test_fused_functions_have_the_composed_gradients():
+    from diffcore_sd3.fused import modulated_layer_norm, rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: modulated_layer_norm(a, b, c, 1e-6), (x, shift, scale))
+    expected = torch.nn.functional.layer_norm(x, (6,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    assert torch.allclose(modulated_layer_norm(x, shift, scale), expected)
+    # q/k norms work on strided views of a fused projection
+    qkv = torch.randn(2, 3, 4, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: rms_norm(a.permute(2, 0, 3, 1, 4)[0], w, 1e-6), (qkv, weight))
+    q = qkv.permute(2, 0, 3, 1, 4)[0]
+    reference = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    assert torch.allclose(rms_norm(q, weight, 1e-6), reference)
