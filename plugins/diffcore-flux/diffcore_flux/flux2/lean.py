@@ -25,10 +25,11 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         gate, value = x.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = grad * value * (sig * (1 + gate * (1 - sig)))
-        return torch.cat((d_gate, grad * silu), dim=-1)
+        out = torch.empty_like(x)  # both halves written in place: no concatenation
+        d_gate, d_value = out.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_value)
+        torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=d_gate)
+        return out
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -61,3 +62,17 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     """``layer_norm(x) * (1 + scale) + shift`` (no affine; (B, C) shift/scale over (B, L, C)) keeping
     ``x``, its statistics and ``scale`` for backward rather than the normalised ``x``."""
     return _NormModulate.apply(x, shift, scale, eps)
+
+
+def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffcore.nn.rope_frequencies' (cos, sin) tables as one complex table."""
+    return torch.complex(cos, sin)
+
+
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of (B, H, L, D) ``x`` by the complex table (L, D/2): the
+    values of diffcore.nn.apply_rope in one complex multiply (no stacking of the two halves)."""
+    if cis.ndim == x.ndim - 1:  # a table per batch row (B, L, D/2): add the head axis
+        cis = cis.unsqueeze(-3)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)

@@ -14,13 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffcore.nn import checkpointed, modulate, rope_frequencies, timestep_embedding
+from diffcore.nn import attention, checkpointed, modulate, rope_frequencies, timestep_embedding
 from diffcore_flux.flux2.config import Flux2Shape
-from diffcore_flux.flux2.lean import norm_modulate, swiglu
-from diffcore_flux.network import QKNorm, _rope_attention, _split_qkv
+from diffcore_flux.flux2.lean import apply_rope, norm_modulate, rope_cis, swiglu
+from diffcore_flux.network import QKNorm, _split_qkv
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+#: the complex RoPE table (L, head_dim / 2)
+Rope = torch.Tensor
 Mod = tuple[torch.Tensor, ...]
+
+
+def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+    return attention(apply_rope(q, rope), apply_rope(k, rope), v)
 
 
 def _linear(n_in: int, n_out: int) -> nn.Linear:
@@ -106,7 +111,7 @@ class DoubleStreamBlock(nn.Module):
 
     @staticmethod
     def _qkv(attn: SelfAttention, x: torch.Tensor, mod: Mod):
-        return _split_qkv(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads, attn.norm, own_qk=True)
+        return _split_qkv(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads, attn.norm)
 
     @staticmethod
     def _residual(x, attn_out, mod: Mod, attn: SelfAttention, mlp: nn.Module) -> torch.Tensor:
@@ -202,7 +207,7 @@ class Flux2Transformer(nn.Module):
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         single_mod = self.single_stream_modulation(vec)
-        rope = rope_frequencies(torch.cat((txt_ids, img_ids), dim=-2), self.shape.axes_dim, self.shape.theta)
+        rope = rope_cis(*rope_frequencies(torch.cat((txt_ids, img_ids), dim=-2), self.shape.axes_dim, self.shape.theta))
         on = self.gradient_checkpointing
         for block in self.double_blocks:
             img, txt = checkpointed(block, img, txt, img_mod, txt_mod, rope, enabled=on)
