@@ -227,7 +227,7 @@ class SDModel(DiffusionModel):
                 tensors.update(self._text_state(slot))
             tensors.update(self._autoencoder_original())
             meta = {"diffcore.family": self.family}
-            if self.family == "sd21":
+            if self.family == "sd21" and "te1" in self.frozen:  # a UNet-only model has none to describe
                 meta[loading.SD2_LAYERS_KEY] = str(self.frozen["te1"].config.num_hidden_layers)
             save_safetensors(tensors, file, metadata=meta)
             return file
