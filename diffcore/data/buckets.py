@@ -23,6 +23,8 @@ class Placement:
 
     bucket: Bucket
     resized: Bucket
+    #: the image's own (height, width) as displayed, before scaling
+    original: Bucket | None = None
 
     @property
     def slack(self) -> Bucket:
@@ -99,7 +101,7 @@ def cover(height: int, width: int, bucket: Bucket) -> Placement:
     """Scale (height, width) to cover ``bucket``: one side equal, the other at least as long."""
     scale = max(bucket[0] / height, bucket[1] / width)
     resized = (max(bucket[0], round(height * scale)), max(bucket[1], round(width * scale)))
-    return Placement(bucket, resized)
+    return Placement(bucket, resized, (height, width))
 
 
 def place(

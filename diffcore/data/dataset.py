@@ -36,9 +36,13 @@ class DataProblem:
 
 def report(problems: list[DataProblem], total: int, where: str) -> str:
     """One message: how many were skipped, the first few paths and why."""
+    return f"{where}: skipped {len(problems)} of {total} examples ({_reasons(problems)})"
+
+
+def _reasons(problems: list[DataProblem]) -> str:
     shown = "; ".join(f"{p.path}: {p.reason}" for p in problems[:SHOWN])
     more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-    return f"{where}: skipped {len(problems)} of {total} examples ({shown}{more})"
+    return f"{shown}{more}"
 
 
 def references(record: Record) -> tuple[Path, ...]:
@@ -104,12 +108,15 @@ class ImageDataset:
                 where=first.path,
                 hint=f"fix or remove it, or set {where}.on_bad_data: skip",
             )
+        if not self.records:
+            # the reasons in the one message (a warning line before it would make two)
+            raise UserError(
+                f"no usable examples (of {total})" + (f": {_reasons(problems)}" if problems else ""),
+                where=where,
+                hint="check the path and the files",
+            )
         if problems:
             log.warning(report(problems, total, where))
-        if not self.records:
-            raise UserError(
-                f"no usable examples (of {total})", where=where, hint="check the path and the files"
-            )
         self.fields = self._fields()
         self._by_bucket: dict[Bucket, list[int]] = {}
         self._slot: list[int] = []  # position of each example in its bucket's list

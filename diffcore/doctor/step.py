@@ -1,0 +1,177 @@
+"""One forward and backward at the job's largest bucket, measured: the step a run would take first,
+without DeepSpeed or an optimizer, so it answers in seconds and shows what the activations cost."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from diffcore.api import build_component
+from diffcore.context import StepRandom, TrainContext
+from diffcore.data.collate import collate
+from diffcore.data.crops import image_datasets
+from diffcore.errors import TrainingError, UserError
+
+
+@attrs.frozen
+class StepFigures:
+    bucket: tuple[int, int]
+    batch_size: int
+    device: str
+    seconds: float
+    loss: float
+    #: bytes: CUDA max_memory_allocated during the step, or the growth of the process's peak RSS on CPU
+    peak: int
+    #: how ``peak`` was measured
+    measured: str
+    resident: int  # bytes allocated before the step (CUDA) or the process's peak RSS before it (CPU)
+    trainable: int  # parameters the optimizer would update
+
+
+@attrs.frozen
+class CacheFigures:
+    latents: int
+    latent_bytes: int
+    captions: int
+    text_bytes: int
+    seconds: float
+
+
+def build(job: Any, dataset: Any) -> TrainContext:
+    """The model, scheduler, method and adapter as the run builds them, on the job's device."""
+    from diffcore.training.distributed import pick_device
+    from diffcore.training.loop import scheduler_section
+
+    device = pick_device(job.train.device, 0)
+    model = build_component("model", job.model.type, job.model.config)
+    sched = scheduler_section(job, model)
+    ctx = TrainContext(
+        job=job,
+        model=model,
+        scheduler=build_component("scheduler", sched.type, sched.config),
+        method=build_component("method", job.method.type, job.method.config),
+        dataset=dataset,
+        output_dir=Path(job.output_dir),
+        device=device,
+    )
+    model.to(device)
+    if job.train.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    if job.adapter is not None:
+        ctx.adapter = build_component("adapter", job.adapter.type, job.adapter.config)
+        ctx.adapter_params = list(ctx.adapter.attach(model))
+    ctx.method_modules = dict(ctx.method.modules(model))
+    for module in ctx.method_modules.values():
+        module.to(device).train()
+    params = [*ctx.method.setup(ctx), *(p for m in ctx.method_modules.values() for p in m.parameters())]
+    seen: set[int] = set()
+    ctx.trainable = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+    if not ctx.trainable:
+        raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
+    return ctx
+
+
+def largest(dataset: Any) -> int:
+    """The index of an example in the largest bucket (by area)."""
+    return max(range(len(dataset)), key=lambda i: (dataset.bucket(i)[0] * dataset.bucket(i)[1], -i))
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def measure_step(ctx: TrainContext, index: int) -> StepFigures:
+    """Loss, backward and their peak memory for a batch of ``train.batch_size`` at example ``index``."""
+    job = ctx.job
+    batch = collate([ctx.dataset[index]] * job.train.batch_size)
+    bucket = tuple(ctx.dataset.bucket(index))
+    ctx.step_random = StepRandom(job.seed, 0)
+    ctx.model.backbone.train()
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(ctx.device)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        before = torch.cuda.memory_allocated(ctx.device)
+    else:
+        before = _peak_rss()
+    start = time.perf_counter()
+    where = f"bucket {bucket[1]}x{bucket[0]}, batch {job.train.batch_size}"
+    try:
+        loss, _ = ctx.method.loss(ctx, batch)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize(ctx.device)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory in one forward and backward at {where}: lower train.batch_size, turn on "
+            "train.gradient_checkpointing, or lower data.resolution"
+        ) from None
+    except (UserError, TrainingError):
+        raise
+    except Exception as exc:  # what the run's first step would die of, said before it starts
+        raise TrainingError(f"the first train step fails at {where}: {type(exc).__name__}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    value = float(loss.detach().float())
+    if not torch.isfinite(torch.tensor(value)):
+        raise TrainingError(f"the first step's loss is {value} at bucket {bucket[1]}x{bucket[0]}: check the data and the model's dtype")
+    if cuda:
+        peak, measured = torch.cuda.max_memory_allocated(ctx.device), "CUDA max_memory_allocated"
+    else:
+        peak, measured = max(0, _peak_rss() - before), "growth of the process's peak RSS"
+    for p in ctx.trainable:
+        p.grad = None
+    return StepFigures(
+        bucket=bucket,
+        batch_size=job.train.batch_size,
+        device=str(ctx.device),
+        seconds=seconds,
+        loss=value,
+        peak=peak,
+        measured=measured,
+        resident=before,
+        trainable=sum(p.numel() for p in ctx.trainable),
+    )
+
+
+@torch.no_grad()
+def estimate_cache(ctx: TrainContext, report: Any) -> CacheFigures:
+    """Size and time of filling ``data.cache_dir`` from nothing, scaled from one encoded example at
+    the largest bucket (latent size and encoding time grow with the pixel count)."""
+    dataset = ctx.dataset
+    index = largest(dataset)
+    example = dataset[index]
+    pixels = example["pixels"][None].to(ctx.device)
+    start = time.perf_counter()
+    latent = ctx.model.encode_images(pixels)
+    latent_s = time.perf_counter() - start
+    area = pixels.shape[-2] * pixels.shape[-1]
+    per_pixel = latent.numel() * latent.element_size() / area
+    seconds_per_pixel = latent_s / area
+    leaves = image_datasets(dataset) or []
+    flips = 2 if any(leaf.options.flip > 0 for leaf in leaves) else 1
+    areas = [f.bucket[0] * f.bucket[1] for f in report.fits] or [area] * len(dataset)
+    latents = len(areas) * flips
+    latent_bytes = int(sum(a * per_pixel for a in areas) * flips)
+    seconds = sum(a * seconds_per_pixel for a in areas) * flips
+    captions = sorted({str(r.caption or "") for leaf in leaves for r in leaf.records})
+    text_bytes = 0
+    if captions and "captions" in example:
+        start = time.perf_counter()
+        try:
+            cond = ctx.model.encode_conditions({"captions": [captions[0]]})
+        except Exception:  # a model that conditions on more than text: its text is not cached alone
+            return CacheFigures(latents, latent_bytes, 0, 0, seconds)
+        text_s = time.perf_counter() - start
+        tensors = [cond] if isinstance(cond, torch.Tensor) else [v for v in cond.values() if isinstance(v, torch.Tensor)]
+        text_bytes = sum(t.numel() * t.element_size() for t in tensors) * len(captions)
+        seconds += text_s * len(captions)
+    else:
+        captions = []
+    return CacheFigures(latents, latent_bytes, len(captions), text_bytes, seconds)
