@@ -39,7 +39,6 @@ def records() -> list[CommandSpec]:
         _command("cache", "precompute latent and text caches for a job"),
         _command("report", "write a run's report.html (curves, samples, job, plugins, checkpoints)"),
         _command("doctor", "check a job before it runs: buckets, crops, cache, one step's memory, packages"),
-        _command("doctor", "check a job before it runs: buckets, crops, cache, one step's memory, packages"),
         _command("convert", "convert adapter and model files between layouts, or merge an adapter into a model"),
         _command("init", "write a commented job file for a model and method"),
     ]
