@@ -6,6 +6,8 @@ wheels), then diffcore and every package under plugins/ and contrib/ in editable
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -32,12 +34,22 @@ def install(session: nox.Session, extras: str = "", only: list[str] | None = Non
         session.install("-e", pkg)
 
 
+def chromium(session: nox.Session) -> None:
+    """Debian's chromium, which tests/test_report.py drives headless to render report.html. Installed
+    only as root on a system with apt-get; elsewhere that test says it skipped and why."""
+    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    session.run("apt-get", "update", "-qq", external=True, success_codes=[0, 100])
+    session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, success_codes=[0, 100])
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Style and types (ruff over the repo, mypy over diffcore/), then the kernel's and every plugin's
     tests (slow ones included; `-- -m "not slow"` to skip them)."""
     install(session, "[test]")
     session.install(*CHECKERS)
+    chromium(session)
     session.run("ruff", "check", ".")
     # mypy type-checks against the installed torch and transformers, so it runs in this session
     session.run("mypy")
