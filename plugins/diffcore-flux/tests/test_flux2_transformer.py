@@ -184,3 +184,28 @@ def test_lean_functions_have_the_compositions_gradients():
     y = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (y,))
     torch.testing.assert_close(swiglu(y), torch.nn.functional.silu(y[..., :4]) * y[..., 4:])
+
+
+def test_export_loads_back_and_the_cli_refuses_a_flux1_checkpoint(tmp_path):
+    """A full finetune's model.safetensors (diffusers layout) loads back through load_exported; handing
+    a Flux.1 checkpoint to ``flux2`` on the command line exits 2 with the reason."""
+    from _flux_tiny import reference_transformer as flux1_transformer
+
+    from diffcore.testing import run_cli
+
+    ref = reference_transformer(False)
+    ref.save_pretrained(tmp_path / "klein")
+    trained = diffcore.load_model("flux2", pretrained=tmp_path / "klein", variant="klein-4b")
+    with torch.no_grad():
+        for p in trained.backbone.parameters():
+            p.mul_(1.1)
+    fresh = diffcore.load_model("flux2", pretrained=tmp_path / "klein", variant="klein-4b")
+    x = _inputs(False)
+    assert (_our_out(fresh, x) - _our_out(trained, x)).abs().max() > 1e-3
+    fresh.load_exported(trained.export_state_dict("diffusers"))
+    assert torch.equal(_our_out(fresh, x), _our_out(trained, x))
+
+    flux1_transformer(True).save_pretrained(tmp_path / "flux1")
+    out = run_cli("sample", "--model", "flux2", "--pretrained", str(tmp_path / "flux1"), "--prompt", "x")
+    assert out.returncode == 2
+    assert "not a Flux2Transformer2DModel" in out.stderr and "use model type 'flux'" in out.stderr
