@@ -144,16 +144,17 @@ class DreamBoothMethod(DiffusionMethod):
             base_model=ctx.model.base_model,
         )
         given = class_images.list_images(folder)
-        if len(given) >= c.num_class_images and class_images.read_manifest(folder) is None:
-            return given[: c.num_class_images]  # the user's own folder, complete
+        if not c.generate or (len(given) >= c.num_class_images and class_images.read_manifest(folder) is None):
+            # the folder as it is (validate checked the count; a folder may change in between)
+            if len(given) < c.num_class_images:
+                raise UserError(
+                    f"{folder} holds {len(given)} class images but {c.num_class_images} are asked and generate is false",
+                    where=f"{WHERE}.class_dir",
+                    hint="add images, lower num_class_images, or set generate: true",
+                )
+            return given[: c.num_class_images]
         given, planned = class_images.plan(folder, c.num_class_images, settings)
-        if planned and not c.generate:
-            raise UserError(
-                f"{folder} holds {len(given)} class images but {c.num_class_images} are asked and generate is false",
-                where=f"{WHERE}.class_dir",
-                hint="add images, lower num_class_images, or set generate: true",
-            )
-        if planned:
+        if any(not (folder / e["file"]).is_file() for e in planned):
             if ctx.is_main:
                 class_images.write_manifest(folder, settings, planned)
             _barrier()

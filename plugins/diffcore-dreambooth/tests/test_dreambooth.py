@@ -306,3 +306,24 @@ def test_flux1_generates_its_prior_and_trains(tmp_path: Path, monkeypatch: pytes
     assert manifest is not None and manifest["settings"]["guidance"] == 3.5 and manifest["settings"]["architecture"] == "flux"
     assert all(row["prior_loss"] > 0 for row in run.metrics)
     assert (run.output_dir / "final" / "model.safetensors").is_file()
+
+
+def test_generated_folder_reused_without_generation(tmp_path: Path) -> None:
+    """A folder of generated images serves a later job with generate: false, whatever its
+    manifest says; one with too few images is refused at set-up too."""
+    settings = class_images.Generation(
+        prompt=None, label=1, height=16, width=16, sampler="euler", steps=2, guidance=5.0, batch=2, seed=0,
+        architecture="dit", base_model="",
+    )  # fmt: skip
+    _, planned = class_images.plan(tmp_path / "classes", 3, settings)
+    class_images.write_manifest(tmp_path / "classes", settings, planned)
+    for entry in planned:
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "classes" / entry["file"])
+    dataset = shapes()
+    config = DreamBoothConfig(class_label=3, class_dir=str(tmp_path / "classes"), num_class_images=3, generate=False)
+    ctx = fake_context(tiny_dit(), method=DreamBoothMethod(config), dataset=dataset, output_dir=tmp_path / "out")
+    assert [p.name for p in ctx.method.class_paths] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    config = attrs.evolve(config, num_class_images=4)
+    with pytest.raises(diffcore.UserError, match="holds 3 class images but 4 are asked") as err:
+        fake_context(tiny_dit(), method=DreamBoothMethod(config), dataset=dataset, output_dir=tmp_path / "out")
+    assert err.value.where == "$.method.class_dir"
