@@ -73,3 +73,29 @@ def test_merge_equals_the_adapter_applied(flux: Path, tmp_path: Path) -> None:
     x = _inputs(True)
     want, got = _our_out(applied, x), _our_out(ours, x)
     assert (got - want).abs().max() < 1e-5
+
+
+def test_flux2_round_trips_are_bit_exact(tmp_path: Path) -> None:
+    import json
+
+    from _flux2_tiny import model_options, write_pipeline
+
+    write_pipeline(tmp_path / "f2", False)
+    options = model_options(False)
+    flags = [a for k, v in options.items() for a in ("--model-option", f"{k}={json.dumps(v)}")]
+    assert [(c.name, c.layout) for c in detect(probe(tmp_path / "f2"))] == [("flux2", "diffusers")]
+    model = diffcore.load_model("flux2", pretrained=tmp_path / "f2", **options)
+    adapter = diffcore.build_component("adapter", "lora", {"rank": 4})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.attach(model):
+            p.normal_(0.0, 0.2)
+    adapter.save(tmp_path / "k.safetensors", "kohya")
+    base = ["--base", str(tmp_path / "f2"), *flags]
+    assert main(["convert", str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "p.safetensors"), *base]) == 0
+    assert main(["convert", str(tmp_path / "p.safetensors"), "-o", str(tmp_path / "k2.safetensors"), *base]) == 0
+    _same(tmp_path / "k.safetensors", tmp_path / "k2.safetensors")
+    assert main(["convert", str(tmp_path / "f2"), "-o", str(tmp_path / "f2.safetensors"), *flags]) == 0
+    assert [(c.name, c.layout) for c in detect(probe(tmp_path / "f2.safetensors"))] == [("flux2", "original")]
+    assert main(["convert", str(tmp_path / "f2.safetensors"), "-o", str(tmp_path / "back"), *flags]) == 0
+    _same(tmp_path / "f2" / "transformer" / "diffusion_pytorch_model.safetensors", tmp_path / "back" / "diffusion_pytorch_model.safetensors")
