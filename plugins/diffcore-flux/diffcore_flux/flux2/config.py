@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import attrs
 
+from diffcore.errors import UserError
+
 Variant = Literal["dev", "klein-4b", "klein-9b"]
 
 
@@ -84,6 +86,14 @@ class Flux2Config:
     def random_shape(self) -> Flux2Shape:
         base = VARIANTS[self.variant]
         fields = dict(self.shape)
+        known = set(attrs.fields_dict(Flux2Shape))
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise UserError(
+                f"unknown shape keys {', '.join(unknown)}",
+                where="$.model.shape",
+                hint=f"known: {', '.join(sorted(known))}",
+            )
         if "axes_dim" in fields:
             fields["axes_dim"] = tuple(fields["axes_dim"])
         fields.setdefault("guidance_embed", self.variant == "dev")
