@@ -66,6 +66,8 @@ def assert_close(a, b):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=ATOL, msg=k)
+    # the figure the closing note quotes (pytest -s shows it)
+    print(f"largest weight difference: {max(float((a[k] - b[k]).abs().max()) for k in a):.2e}")
 
 
 @pytest.mark.slow
