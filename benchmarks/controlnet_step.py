@@ -54,6 +54,13 @@ def _model(args: argparse.Namespace) -> Any:
     )
 
 
+def _unet_config(args: argparse.Namespace) -> Any:
+    # the config alone: building diffcore's UNet in the diffusers child would raise its peak memory
+    from diffcore_sdxl.config import UNET_PRESETS, UNetConfig
+
+    return UNetConfig(**{**UNET_PRESETS["sd15"], **PRESETS[args.preset]})
+
+
 def _inputs(args: argparse.Namespace, cross: int) -> dict[str, Any]:
     import torch
 
@@ -111,10 +118,8 @@ def _diffusers_step(args: argparse.Namespace):
     import torch
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-    model = _model(args)
-    unet = UNet2DConditionModel(**model.unet_config.to_diffusers(sample_size=args.latent))
+    unet = UNet2DConditionModel(**_unet_config(args).to_diffusers(sample_size=args.latent))
     unet.load_state_dict(torch.load(args.weights, weights_only=True))
-    del model
     controlnet = ControlNetModel.from_unet(unet)
     unet.requires_grad_(False)
     unet.to(args.device)
