@@ -69,9 +69,11 @@ def test_merge_equals_the_adapter_applied(flux: Path, tmp_path: Path) -> None:
     assert code == 0
     applied = diffcore.load_model("flux", pretrained=flux / "transformer", axes_dim=AXES)
     diffcore.build_component("adapter", "lora", {}).from_file(applied, flux / "lora.safetensors", 1.0)
+    plain = diffcore.load_model("flux", pretrained=flux / "transformer", axes_dim=AXES)
     ours = diffcore.load_model("flux", pretrained=merged, axes_dim=AXES)
     x = _inputs(True)
     want, got = _our_out(applied, x), _our_out(ours, x)
+    assert (want - _our_out(plain, x)).abs().max() > 1e-2  # the adapter changes the output at all
     assert (got - want).abs().max() < 1e-5
 
 

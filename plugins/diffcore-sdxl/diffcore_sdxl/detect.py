@@ -34,6 +34,9 @@ def family(probe: LayoutProbe) -> tuple[str, str] | None:
         if found is None:  # no attention in the first level (SDXL-shaped without the embedding)
             found = _family(shapes, _UNET + "label_emb.0.0.weight", _UNET + "input_blocks.4.1.proj_in.weight")
         return (found, "original") if found else None
+    if probe.is_file:
+        # a UNet alone under diffusers names (a run's model.safetensors) is no pipeline this plugin loads
+        return None
     unet = probe.component("unet")
     if "conv_in.weight" in unet and "down_blocks.0.resnets.0.conv1.weight" in unet:
         attention = next(
