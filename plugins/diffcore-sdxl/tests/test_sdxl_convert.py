@@ -1,5 +1,6 @@
-"""``diffcore convert`` on a tiny SDXL pipeline: folder -> single file -> folder and kohya -> PEFT ->
-kohya give back the same tensors, bit for bit; detection tells SDXL, SD 1.x and SD 2.x apart."""
+"""``diffcore convert`` on a tiny SDXL pipeline (UNet, both text encoders, VAE): folder -> single
+file -> folder and kohya -> PEFT -> kohya give back the same tensors, bit for bit; detection tells
+SDXL, SD 1.x and SD 2.x apart."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from diffcore.layouts import detect, probe
 pytest.importorskip("diffusers")
 pytest.importorskip("diffcore_lora")
 
-NO_VAE = ["--model-option", "autoencoder=false"]  # the tiny pipeline has no vae/
+# a single file does not say the tiny VAE's group count (the released VAEs use 32)
+VAE_GROUPS = ["--model-option", "vae_options={norm_num_groups: 4}"]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -37,24 +39,41 @@ def _assert_same(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import AutoencoderKL
+
     folder = tmp_path_factory.mktemp("sdxl") / "pipe"
     make_sdxl_pipeline(folder)
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).save_pretrained(folder / "vae")
     return folder
 
 
 def test_folder_to_single_file_to_folder_is_bit_exact(pipe: Path, tmp_path: Path) -> None:
     single = tmp_path / "sdxl.safetensors"
-    assert main(["convert", str(pipe), "-o", str(single), *NO_VAE]) == 0
+    assert main(["convert", str(pipe), "-o", str(single)]) == 0
     keys = load_file(str(single))
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert any(k.startswith("conditioner.embedders.1.model.") for k in keys)  # OpenCLIP layout
+    assert "first_stage_model.decoder.conv_out.weight" in keys
     tokenizers = ["--model-option", f"tokenizer={pipe / 'tokenizer'}", "--model-option", f"tokenizer_2={pipe / 'tokenizer_2'}"]
     back = tmp_path / "back"
-    assert main(["convert", str(single), "-o", str(back), *NO_VAE, *tokenizers]) == 0
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"):
+    assert main(["convert", str(single), "-o", str(back), *VAE_GROUPS, *tokenizers]) == 0
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         _assert_same(pipe / part, back / part)
     again = tmp_path / "again.safetensors"
-    assert main(["convert", str(back), "-o", str(again), *NO_VAE]) == 0
+    assert main(["convert", str(back), "-o", str(again)]) == 0
     _assert_same(single, again)
 
 
@@ -66,7 +85,8 @@ def test_kohya_to_peft_to_kohya_is_bit_exact_with_text_encoders(pipe: Path, tmp_
         for p in adapter.attach(model):
             p.normal_(0.0, 0.2)
     adapter.save(tmp_path / "kohya.safetensors", "kohya")
-    base = ["--base", str(pipe), *NO_VAE]
+    # the adapter's layers are the UNet's and text encoders': the VAE need not load
+    base = ["--base", str(pipe), "--model-option", "autoencoder=false"]
     assert main(["convert", str(tmp_path / "kohya.safetensors"), "-o", str(tmp_path / "peft.safetensors"), *base]) == 0
     peft = load_file(str(tmp_path / "peft.safetensors"))
     assert any(k.startswith("unet.down_blocks.") for k in peft)
