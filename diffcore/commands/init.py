@@ -3,7 +3,7 @@
 ``diffcore init --model sdxl --method lora --data ./images --resolution 1024 --rank 16 -o job.yaml``
 writes a job that ``diffcore validate`` accepts, with comments on what the user must point at (the
 model files, the images). Given flags, it asks nothing; on a terminal it asks for what is missing.
-Known architectures (dit, sd15, sd21, sdxl, flux, flux2, sd3) get their usual settings; any other
+Known architectures (dit, sd15, sd21, sdxl, flux, flux2, sd3, sd35) get their usual settings; any other
 installed model gets its ``type`` and, when its config has one, ``pretrained``. The text is checked
 with the job loader before it is written.
 """
@@ -82,8 +82,12 @@ PRESETS: dict[str, Preset] = {
         model=(("variant", "klein-4b", "dev, klein-4b or klein-9b: must match the weights"),),
         guidance=4.0,
     ),
-    "sd3": Preset(
-        1024, "an SD3/SD3.5 diffusers pipeline folder or its single .safetensors file", guidance=5.0
+    "sd3": Preset(1024, "an SD3 medium diffusers pipeline folder or its single .safetensors file", guidance=5.0),
+    "sd35": Preset(
+        1024,
+        "an SD3.5 diffusers pipeline folder or its single .safetensors file",
+        model=(("variant", "large", "large or medium: must match the weights"),),
+        guidance=4.5,
     ),
 }
 
