@@ -55,6 +55,7 @@ def fake_run(root: Path) -> Path:
         (ckpt / "trainer.json").write_text(json.dumps({"step": step, "versions": {"diffcore": "9.9.9", "diffcore-dit": f"0.{step}"}}))
         write_manifest(ckpt)
     (out / "checkpoints" / "step-40" / "model.safetensors").write_bytes(b"y" * 1000)  # changed after writing
+    (out / "quality.json").write_text(json.dumps({"class_agreement": 0.75, "per_class": {"red circle": 0.5}}))
     return out
 
 
@@ -77,6 +78,7 @@ def test_the_page_shows_curves_samples_job_plugins_and_checkpoints(tmp_path):
     assert 'class="ok">intact' in page
     assert 'class="bad">damaged: model.safetensors: contents changed since written' in page
     assert "step 40 of 40" in page and "name: shapes" in page
+    assert "<td>class agreement</td><td>0.750</td>" in page and "red circle 0.50" in page
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_exit_2(tmp_path):

@@ -8,8 +8,8 @@ from html import escape
 
 import attrs
 
-WIDTH, HEIGHT = 560, 220
-LEFT, RIGHT, TOP, BOTTOM = 64, 12, 14, 34
+WIDTH, HEIGHT = 420, 230
+LEFT, RIGHT, TOP, BOTTOM = 58, 10, 14, 34
 
 
 @attrs.frozen

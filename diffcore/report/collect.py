@@ -62,6 +62,8 @@ class RunFiles:
     versions: dict[str, str]
     versions_from: str
     checkpoints: list[Checkpoint]
+    #: quality.json (the class_agreement callback's figures), when the run wrote one
+    quality: dict[str, Any] = attrs.Factory(dict)
 
 
 def is_run(folder: Path) -> bool:
@@ -97,7 +99,16 @@ def collect(output_dir: Path, *, intact_memo: dict[tuple[str, int], tuple[str, b
         versions=versions,
         versions_from=versions_from,
         checkpoints=checkpoints,
+        quality=_quality(output_dir / "quality.json"),
     )
+
+
+def _quality(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_job(path: Path) -> tuple[str, dict[str, Any]]:

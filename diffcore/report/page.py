@@ -18,8 +18,8 @@ STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:16px 20px;color:#222;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;padding-bottom:3px}
 h3{font-size:14px;margin:14px 0 6px}.muted{color:#666}
-.charts{display:flex;flex-wrap:wrap;gap:12px}
-svg.chart{background:#fff;font-size:11px;fill:#444}svg.chart .plot{fill:#fafafa;stroke:#ccc}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:12px}
+svg.chart{background:#fff;font-size:11px;fill:#444;width:100%;height:auto}svg.chart .plot{fill:#fafafa;stroke:#ccc}
 svg.chart .grid{stroke:#e4e4e4}svg.chart .empty{fill:#999;font-size:13px}
 .samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:10px}
 figure{margin:0}figure img{width:100%;height:auto;image-rendering:pixelated;border:1px solid #ddd;background:#eee}
@@ -53,6 +53,7 @@ def render(run: RunFiles) -> str:
         f'<div class="muted">{escape(str(run.output_dir))} &middot; {escape(", ".join(summary))} &middot; written {now}</div>',
         "<h2>Training curves</h2>",
         _charts(run.metrics),
+        *(["<h2>Quality</h2>", _quality(run.quality)] if run.quality else []),
         "<h2>Samples</h2>",
         _samples(run.samples),
         "<h2>Checkpoints</h2>",
@@ -83,6 +84,20 @@ def _charts(rows: list[dict[str, Any]]) -> str:
         line_chart("throughput", [Series("samples/s", _column(rows, "samples_per_sec"), THROUGHPUT, 2.0)]),
     ]
     return '<div class="charts">' + "".join(charts) + "</div>"
+
+
+def _quality(figures: dict[str, Any]) -> str:
+    """quality.json as a table: its numbers, and a nested mapping (per class) as one cell."""
+    rows = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            shown = ", ".join(f"{escape(str(k))} {v:.2f}" if isinstance(v, float) else f"{escape(str(k))} {escape(str(v))}" for k, v in value.items())
+        elif isinstance(value, float):
+            shown = f"{value:.3f}"
+        else:
+            shown = escape(str(value))
+        rows.append(f"<tr><td>{escape(key.replace('_', ' '))}</td><td>{shown}</td></tr>")
+    return f"<table>{''.join(rows)}</table>"
 
 
 def _caption(text: dict[str, str], fallback: str) -> str:
