@@ -99,6 +99,12 @@ def test_merge_equals_the_adapter_applied_at_strength_one(dit: Path, tmp_path: P
     assert (got - want).abs().max() < 1e-5
 
 
+def test_merge_of_a_missing_file_names_the_flag(dit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(dit / "base"), "--merge", str(tmp_path / "nope.safetensors:0.5"), "-o", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--merge" in err and "nope.safetensors'" in err and not (tmp_path / "m").exists()
+
+
 def test_refuses_to_overwrite_its_input(dit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lora = dit / "lora.safetensors"
     before = lora.read_bytes()

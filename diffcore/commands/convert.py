@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,13 +211,12 @@ def _convert_model(
         )
     import diffcore
 
+    merge = _parse_merge(args.merge) if args.merge else None
+    if merge is not None:
+        _check_output(output, [merge[0]], force=True)
     model = diffcore.load_model(name, pretrained=str(source), **_model_options(args, name, dtype))
-    if args.merge:
-        from diffcore.commands.sample import _parse_adapter
-
-        path, strength = _parse_adapter(args.merge)
-        _check_output(output, [path], force=True)
-        applied = _applied(model, path, strength, "--merge")
+    if merge is not None:
+        applied = _applied(model, merge[0], merge[1], "--merge")
         applied.merge()
         applied.detach()  # the merged weights stay; the adapter's own modules go
     staged = _staging(output)
@@ -225,6 +225,15 @@ def _convert_model(
         return _publish(staged, output)
     finally:
         _discard(staged)
+
+
+def _parse_merge(spec: str) -> tuple[Path, float]:
+    # FILE or FILE:STRENGTH; a path with a colon keeps it unless the tail is a number
+    match = re.match(r"^(.*):([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)$", spec)
+    path, strength = (match.group(1), float(match.group(2))) if match else (spec, 1.0)
+    if not Path(path).is_file():
+        raise UserError(f"adapter file {path!r} not found", where="--merge", hint="give FILE or FILE:STRENGTH")
+    return Path(path), strength
 
 
 def _applied(model: Any, path: Path, strength: float, where: str, adapter_type: str | None = None) -> Any:
