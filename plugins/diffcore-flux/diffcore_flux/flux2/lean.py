@@ -3,7 +3,8 @@
 Flux.2's blocks spend most activation memory around the norms and the SwiGLU MLPs. Composed from
 torch ops, ``silu(gate) * value`` keeps ``silu(gate)`` besides the linear output it came from, and
 ``layer_norm(x) * (1 + scale) + shift`` keeps the normalised ``x`` besides ``x``; both are cheap to
-recompute in backward from what is kept anyway. Values and gradients are the compositions' own.
+recompute in backward from what is kept anyway. RoPE rotates channel pairs with one complex multiply
+instead of stacking two real halves. Values and gradients are the compositions' own.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ What differs from Flux.1 (:mod:`diffcore_flux.network`): no Linear has a bias; n
 handed to every block; the MLPs are SwiGLU (``silu(gate) * value``, gate half first), so a double
 block's ``img_mlp.0`` emits 2 * mlp_hidden and a single block's fused ``linear1`` emits
 3 * dim + 2 * mlp_hidden; RoPE runs over 4 axes (t, h, w, l) with theta 2000. The QK-norm modules and
-the attention helpers are Flux.1's.
+the fused-qkv split are Flux.1's; the norms, SwiGLU and RoPE go through :mod:`diffcore_flux.flux2.lean`.
 """
 
 from __future__ import annotations
