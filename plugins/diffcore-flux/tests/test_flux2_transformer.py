@@ -185,6 +185,15 @@ def test_lean_functions_have_the_compositions_gradients():
     assert torch.autograd.gradcheck(swiglu, (y,))
     torch.testing.assert_close(swiglu(y), torch.nn.functional.silu(y[..., :4]) * y[..., 4:])
 
+    from diffcore_flux.flux2.lean import apply_rope as complex_rope
+    from diffcore_flux.flux2.lean import rope_cis
+
+    from diffcore.nn import apply_rope, rope_frequencies
+
+    tables = rope_frequencies(grid_ids(3, 4), AXES, 2000.0)
+    q = torch.randn(2, 3, 12, sum(AXES), generator=g)
+    torch.testing.assert_close(complex_rope(q, rope_cis(*tables)), apply_rope(q, *tables))
+
 
 def test_export_loads_back_and_the_cli_refuses_a_flux1_checkpoint(tmp_path):
     """A full finetune's model.safetensors (diffusers layout) loads back through load_exported; handing
