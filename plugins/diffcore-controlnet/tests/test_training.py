@@ -123,12 +123,14 @@ def test_a_tiny_run_learns_where_the_control_puts_the_shape(pixel_sd15: Path, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trains_under_zero_and_exports_the_published_layouts(pixel_sd15: Path, tmp_path: Path, stage: int) -> None:
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "no")], ids=["zero2-bf16", "zero3"])
+def test_trains_under_zero_and_exports_the_published_layouts(
+    pixel_sd15: Path, tmp_path: Path, stage: int, precision: str
+) -> None:
     from safetensors.torch import load_file
 
     metadata = _images(tmp_path / "data", 8)
-    job = _job(pixel_sd15, metadata, deepspeed={"zero_stage": stage}, checkpoint_every=2)
+    job = _job(pixel_sd15, metadata, deepspeed={"zero_stage": stage}, checkpoint_every=2, mixed_precision=precision)
     # the sample callback steers with a control image too (through the method's predict)
     sample = {"type": "sample", "prompts": ["a square"], "steps": 2, "guidance": 1.0}
     job["callbacks"].append({**sample, "inputs": {"control": str(metadata.parent / "0-edge.png")}})
