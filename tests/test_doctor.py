@@ -163,3 +163,15 @@ def test_doctor_on_missing_images_is_one_line_exit_2(tmp_path, capsys):
     out = run_cli(capsys, "doctor", str(write_job(tmp_path / "job.yaml", job)))
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
     assert f"$.data.path: folder not found: {tmp_path / 'nowhere'}" in out.stderr
+
+
+def test_doctor_notes_checkpoints_a_run_would_need_resume_for(tmp_path, capsys):
+    job = doctor_job(tmp_path)
+    (tmp_path / "out" / "checkpoints" / "step-4").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "step-4" / "trainer.json").write_text("{}")
+    code, found = doctor(capsys, str(job), "--no-step")
+    assert code == 0
+    assert found["notes"] == [
+        f"{tmp_path / 'out'} already holds checkpoints (newest step-4): `diffcore run` needs --resume to continue it, "
+        "or choose another output_dir"
+    ]

@@ -41,13 +41,14 @@ def doctor_command(args: argparse.Namespace) -> int:
         raise UserError(problems[0].message, where=f"{job.source}: {problems[0].path}")
     if problems:
         raise ConfigError(problems, source=job.source)
+    notes = _notes(job)
     start = time.perf_counter()
     dataset = build_component("dataset", job.data.type, job.data.config)
     scan_s = time.perf_counter() - start
     # the run's own check that a batch can be formed, before anything heavier
     BucketBatchSampler(dataset, job.train.batch_size, world_size=1, drop_last=job.train.drop_last)
     report = crop_report(dataset)
-    found: dict[str, Any] = {"job": args.job, "scan_s": scan_s, **_data(report)}
+    found: dict[str, Any] = {"job": args.job, "scan_s": scan_s, **_data(report), "notes": notes}
     found["missing_packages"] = [{"package": w.package, "why": w.why, "required": w.required} for w in missing(job)]
     if not args.no_step:
         from diffcore.doctor.step import build, estimate_cache, largest, measure_step
@@ -62,6 +63,25 @@ def doctor_command(args: argparse.Namespace) -> int:
     else:
         print(_text(found))
     return 2 if any(p["required"] for p in found["missing_packages"]) else 0
+
+
+def _notes(job: Any) -> list[str]:
+    """What the run would refuse or change, said now (an fp16 job on a device without fp16 exits 2)."""
+    from pathlib import Path
+
+    from diffcore.training.checkpoint import latest_checkpoint
+    from diffcore.training.distributed import pick_device
+    from diffcore.training.loop import _check_precision
+
+    _check_precision(job, pick_device(job.train.device, 0))
+    notes = []
+    newest = latest_checkpoint(Path(job.output_dir)) if job.output_dir else None
+    if newest is not None:
+        notes.append(
+            f"{job.output_dir} already holds checkpoints (newest {newest.name}): `diffcore run` needs --resume "
+            "to continue it, or choose another output_dir"
+        )
+    return notes
 
 
 def _asdict(figures: Any) -> dict[str, Any]:
@@ -131,6 +151,7 @@ def _text(found: dict[str, Any]) -> str:
             f"{s['seconds']:.2f} s, loss {s['loss']:.4g}, peak {_size(s['peak'])} ({s['measured']}; without the "
             f"optimizer's state: {s['trainable']:,} trainable parameters, AdamW keeps 2 fp32 values each)"
         )
+    lines += [f"note: {note}" for note in found["notes"]]
     for p in found["missing_packages"]:
         need = "needed" if p["required"] else "optional"
         lines.append(f"missing package ({need}): {p['package']}: {p['why']} (pip install {p['package']})")
