@@ -150,3 +150,36 @@ def test_probe_reads_headers_only(tmp_path: Path) -> None:
     found = probe(tmp_path / "w.safetensors")
     assert isinstance(found, LayoutProbe)
     assert found.shapes == {"a.weight": (3, 2)} and found.metadata == {"k": "v"} and found.dtype == "bfloat16"
+
+
+def test_dit_peft_file_gives_diffusers_the_same_output(dit: Path, tmp_path: Path) -> None:
+    """The converted PEFT file names diffusers' modules (the fused qkv as attn1.to_q/k/v): injected
+    with peft into DiTTransformer2DModel it gives diffcore's output with the kohya file."""
+    diffusers = pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
+    import json
+
+    from safetensors import safe_open
+
+    file = tmp_path / "peft.safetensors"
+    assert main(["convert", str(dit / "lora.safetensors"), "-o", str(file), "--base", str(dit / "base")]) == 0
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    reference = diffusers.DiTTransformer2DModel.from_pretrained(dit / "base").eval()
+    plain = diffusers.DiTTransformer2DModel.from_pretrained(dit / "base").eval()
+    config = peft.LoraConfig(
+        r=meta["transformer.r"], lora_alpha=meta["transformer.lora_alpha"], target_modules=meta["transformer.target_modules"]
+    )
+    peft.inject_adapter_in_model(config, reference)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    assert not peft.set_peft_model_state_dict(reference, state).unexpected_keys
+    ours = diffcore.load_model("dit", pretrained=str(dit / "base"))
+    diffcore.build_component("adapter", "lora", {}).from_file(ours, dit / "lora.safetensors", 1.0)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10.0, 500.0]), torch.tensor([0, 3])
+    with torch.no_grad():
+        want = ours.predict(x, t, y)
+        theirs = reference(x, timestep=t, class_labels=y).sample
+        before = plain(x, timestep=t, class_labels=y).sample
+    assert (theirs - before).abs().max() > 1e-2  # peft applied the file at all
+    assert (want - theirs).abs().max() < 1e-5
