@@ -213,6 +213,7 @@ class SampleCallback(Callback):
         if ctx.is_main:
             names, texts = _describe_samples(self.config, seeds, ctx, f"{width}x{height}")
             _save(pixels, folder, "sample", "grid.png", names=names, texts=texts)
+            print(f"samples: step {ctx.step}, {_weights(ctx)} weights, in {folder}", flush=True)
         return folder
 
 
@@ -228,7 +229,7 @@ def _describe_samples(config: Any, seeds: list[int], ctx: Any, size: str) -> tup
         label = labels[k] if labels else None
         names.append(sample_name(k, seed, label=label, prompt=prompt))
         texts.append({"prompt": prompt, "label": label, "seed": seed, "sampler": config.sampler, "steps": config.steps,
-                      "guidance": config.guidance, "size": size, "step": ctx.step})
+                      "guidance": config.guidance, "size": size, "step": ctx.step, "weights": _weights(ctx)})
     return names, texts
 
 
@@ -242,6 +243,11 @@ def _save(pixels: Any, folder: Path, prefix: str, grid_name: str, **described: A
 def _default_size(ctx: Any) -> int:
     res = getattr(ctx.job.data.config, "resolution", None)
     return int(res) if isinstance(res, int) else 512
+
+
+def _weights(ctx: Any) -> str:
+    """Which weights :func:`_eval_generate` samples with: "ema" or "raw"."""
+    return "raw" if ctx.ema is None else "ema"
 
 
 def _eval_generate(ctx: Any, generate: Any, **kwargs: Any) -> Any:
@@ -295,6 +301,7 @@ class ClassAgreementCallback(Callback):
             "class_and_form_agreement": float(with_form.mean()),
             "per_class": per_class,
             "samples": int(labels.numel()),
+            "weights": _weights(ctx),
         }
         if ctx.is_main:
             folder = ctx.output_dir / "samples" / "final"
@@ -302,7 +309,7 @@ class ClassAgreementCallback(Callback):
                 _save(pixels[i * n : (i + 1) * n], folder, name.replace(" ", "-"), f"grid-{name.replace(' ', '-')}.png")
             (ctx.output_dir / "quality.json").write_text(json.dumps(self.result, indent=2))
             print(
-                f"quality: class agreement {score:.3f} over {labels.numel()} samples "
+                f"quality ({self.result['weights']} weights): class agreement {score:.3f} over {labels.numel()} samples "
                 f"({', '.join(f'{k} {v:.2f}' for k, v in per_class.items())}); "
                 f"with the form checked too: {self.result['class_and_form_agreement']:.3f}",
                 flush=True,

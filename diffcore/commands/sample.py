@@ -55,6 +55,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="final|step-N|latest",
         help="which weights of the job's output (default final)",
     )
+    src.add_argument(
+        "--weights",
+        choices=["ema", "raw"],
+        default=None,
+        help="the job's EMA weights (ema.safetensors) or the trained weights as they are (default: ema when the run has one)",
+    )
     gen = parser.add_argument_group("what to generate")
     gen.add_argument(
         "--prompt", dest="prompts", action="append", default=[], metavar="TEXT", help="a caption (repeatable)"
@@ -274,18 +280,51 @@ def _weights_dir(output_dir: Path, checkpoint: str) -> Path:
     return folder
 
 
-def _load_weights(model: Any, modules: dict[str, Any], folder: Path) -> None:
+def _ema_files(folder: Path) -> list[Path]:
+    """The EMA weights exported in ``folder`` (``ema.safetensors``, ``ema-<module>.safetensors``);
+    an older run's ``ema.safetensors`` in the EMA's own layout does not count."""
+    from diffcore.training.ema import is_ema_export
+
+    return [p for p in sorted(folder.glob("ema*.safetensors")) if p.name != "ema-state.safetensors" and is_ema_export(p)]
+
+
+def _choose_weights(folder: Path, asked: str | None) -> str:
+    """"ema" or "raw": what ``--weights`` asks for, by default the EMA when ``folder`` has one."""
+    if asked == "raw":
+        return "raw"
+    if _ema_files(folder):
+        return "ema"
+    if asked == "ema":
+        old = (folder / "ema.safetensors").is_file()
+        raise UserError(
+            "this run's ema.safetensors is in the EMA's own layout (written before diffcore exported it)"
+            if old
+            else "no EMA weights here (the job had no train.ema_decay)",
+            where="--weights",
+            hint="use --weights raw" + (", or resume the run for a step to export its EMA" if old else ""),
+        )
+    return "raw"
+
+
+def _load_weights(model: Any, modules: dict[str, Any], folder: Path, weights: str = "raw", *, adapter: bool = False) -> None:
     """The trained weights of a run's output folder (``final/`` or a checkpoint) into ``model`` and
     the method's modules: the backbone through the model's ``load_exported``, each method module
-    from ``<name>.safetensors``."""
+    from ``<name>.safetensors``; with ``weights="ema"`` the EMA's files in their place where they exist
+    (``ema.safetensors`` is the backbone's unless the run trained an ``adapter``)."""
     from safetensors.torch import load_file
 
     from diffcore.weights import load_into
 
-    if (folder / "model.safetensors").is_file():
-        model.load_exported(load_file(str(folder / "model.safetensors")), where=str(folder / "model.safetensors"))
+    def pick(name: str) -> Path:
+        ema = folder / f"ema{'' if name == 'model' else '-' + name}.safetensors"
+        own = folder / f"{name}.safetensors"
+        return ema if weights == "ema" and ema.is_file() and not (adapter and name == "model") else own
+
+    backbone = pick("model")
+    if backbone.is_file():
+        model.load_exported(load_file(str(backbone)), where=str(backbone))
     for name, module in modules.items():
-        file = folder / f"{name}.safetensors"
+        file = pick(name)
         if not file.is_file():
             raise UserError(
                 f"the method's module {name!r} has no {file.name} here",
@@ -326,6 +365,8 @@ class Loaded:
     modules: dict[str, Any]
     output_dir: Path | None
     resolution: int | None
+    #: the job's weights loaded: "ema" or "raw" (None without a job)
+    weights: str | None = None
 
 
 def load_for_sampling(args: argparse.Namespace) -> Loaded:
@@ -376,10 +417,14 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
 
     method = None
     modules: dict[str, Any] = {}
+    weights = None
+    if job is None and getattr(args, "weights", None):
+        raise UserError("--weights chooses among a job's weights", where="--weights", hint="use it with --job or --from")
     if job is not None:
         method = build_component("method", job.method.type, job.method.config)
         assert output_dir is not None  # set wherever the job is
         folder = _weights_dir(output_dir, args.checkpoint)
+        weights = _choose_weights(folder, getattr(args, "weights", None))
         adapter_file = folder / "adapter.safetensors"
         if adapter_file.is_file():
             if job.adapter is None:
@@ -388,11 +433,12 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
                 )
             adapter = build_component("adapter", job.adapter.type, job.adapter.config)
             adapter.attach(model)
-            adapter.load(adapter_file)
+            ema_adapter = folder / "ema.safetensors"
+            adapter.load(ema_adapter if weights == "ema" and ema_adapter.is_file() else adapter_file)
         modules = method.modules(model)
         if not adapter_file.is_file() and not (folder / "model.safetensors").is_file() and not modules:
             raise UserError("neither model.safetensors nor adapter.safetensors here", where=str(folder))
-        _load_weights(model, modules, folder)
+        _load_weights(model, modules, folder, weights, adapter=adapter_file.is_file())
     if args.controlnet is not None:
         if modules:
             raise UserError(
@@ -405,7 +451,7 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
     for spec in args.adapters:
         path, strength = _parse_adapter(spec)
         _apply_adapter_file(model, args.adapter_type, path, strength)
-    return Loaded(model, scheduler, method, modules, output_dir, resolution)
+    return Loaded(model, scheduler, method, modules, output_dir, resolution, weights)
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -498,5 +544,6 @@ def sample_command(args: argparse.Namespace) -> int:
     paths = save_png(pixels, out_dir, names=names, texts=texts)
     if not args.no_grid:
         image_grid(pixels, columns=args.count if args.count > 1 else None).save(out_dir / "grid.png")
-    print(f"diffcore sample: {len(paths)} images in {out_dir}", flush=True)
+    used = f" ({loaded.weights} weights)" if loaded.weights else ""
+    print(f"diffcore sample: {len(paths)} images in {out_dir}{used}", flush=True)
     return 0

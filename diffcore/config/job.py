@@ -100,7 +100,17 @@ class TrainConfig:
     checkpoint_every: int = attrs.field(default=0, validator=_at_least(0))
     keep_last: int = attrs.field(default=2, validator=_at_least(0))
     log_every: int = attrs.field(default=1, validator=_at_least(1))
+    #: an EMA of the trained weights with this decay (with the warm-up, the most it ramps up to); None: no EMA
     ema_decay: float | None = attrs.field(default=None, validator=_fraction)
+    #: ramp the decay up with the steps averaged, as diffusers' EMAModel(use_ema_warmup=True):
+    #: 1 - (1 + n / ema_inv_gamma) ** -ema_power; false: ema_decay from the first average on
+    ema_warmup: bool = True
+    ema_inv_gamma: float = attrs.field(default=1.0, validator=_positive)
+    ema_power: float = attrs.field(default=2 / 3, validator=_positive)
+    #: the least decay once averaging (diffusers' min_decay)
+    ema_min_decay: float = attrs.field(default=0.0, validator=_at_least(0))
+    #: the EMA copies the weights up to this step and averages after it (diffusers' update_after_step)
+    ema_start_step: int = attrs.field(default=0, validator=_at_least(0))
     gradient_checkpointing: bool = False
     num_workers: int = attrs.field(default=0, validator=_at_least(0))
     #: drop a bucket's last, incomplete batch each epoch; false fills it by repeating the bucket's examples
@@ -154,6 +164,26 @@ class Job:
         out["callbacks"] = [c.to_dict() for c in self.callbacks]
         return out
 
+
+
+def _ema_problems(raw: dict[str, Any], train: TrainConfig) -> list[Problem]:
+    """The EMA keys that contradict each other, or that have no effect because there is no EMA."""
+    if train.ema_decay is None:
+        # a resolved job.yaml lists every key at its default: only a value set otherwise is idle
+        fields = attrs.fields_dict(TrainConfig)
+        return [
+            Problem(f"$.train.{key}", "has no effect without train.ema_decay (set it, e.g. 0.999, or remove this key)")
+            for key in ("ema_warmup", "ema_inv_gamma", "ema_power", "ema_min_decay", "ema_start_step")
+            if key in raw and getattr(train, key) != fields[key].default
+        ]
+    if train.ema_min_decay > train.ema_decay:
+        return [
+            Problem(
+                "$.train.ema_min_decay",
+                f"{train.ema_min_decay} is above train.ema_decay {train.ema_decay} (the decay ramps from min up to ema_decay)",
+            )
+        ]
+    return []
 
 
 # -- reading YAML --------------------------------------------------------------------------------
@@ -319,6 +349,7 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
     train = TrainConfig()
     try:
         train = structure(train_raw, TrainConfig, "$.train")
+        problems.extend(_ema_problems(train_raw, train))
     except ConfigError as exc:
         problems.extend(exc.problems)
 

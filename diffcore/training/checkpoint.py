@@ -2,9 +2,10 @@
 
 ``checkpoints/step-<N>/`` holds DeepSpeed's resume state (``deepspeed/``: every trainable module,
 the method's too, with optimizer and lr-schedule state), ``trainer.json`` (step, data position,
-versions), per-rank RNG states, the EMA, the method's and callbacks' own state (``state/``), and the
-exported trainable weights (``model.safetensors`` or ``adapter.safetensors``, and
-``<name>.safetensors`` per method module). It is written under ``.tmp-step-<N>`` and renamed
+versions), per-rank RNG states, the EMA (``ema-state.safetensors``), the method's and callbacks' own
+state (``state/``), and the exported trainable weights (``model.safetensors`` or
+``adapter.safetensors``, and ``<name>.safetensors`` per method module; with an EMA, its weights in
+the same layout: ``ema.safetensors`` and ``ema-<name>.safetensors``). It is written under ``.tmp-step-<N>`` and renamed
 into place only when complete, so a crash or kill while saving leaves the previous checkpoint as it
 was and never a half-written ``step-<N>``. ``manifest.json`` (written last) records every file's size
 and checksum; ``--resume`` checks the newest checkpoint against it and falls back to the newest
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 
 from diffcore.errors import UserError
 from diffcore.training.distributed import barrier, broadcast_int
+from diffcore.training.ema import EMA_EXPORT_MARK, is_ema_export
 from diffcore.training.manifest import MANIFEST, damage, write_manifest
 from diffcore.training.reshard import UNIVERSAL_TAG, convert
 from diffcore.training.safe_loading import use_safe_loading, weights_only_loading
@@ -135,6 +137,29 @@ def export_weights(ctx: Any, folder: Path) -> Path:
     return path
 
 
+#: the EMA's own state in a checkpoint (its tensors by trained-parameter name), what a resume loads
+EMA_STATE = "ema-state.safetensors"
+
+
+def export_ema(ctx: Any, folder: Path) -> None:
+    """Write the EMA weights into ``folder`` (rank 0) in the layout of :func:`export_weights`' files:
+    ``ema.safetensors`` as the adapter or the model file, ``ema-<name>.safetensors`` per method
+    module; a file whose weights the EMA does not hold (a frozen backbone) is not written again."""
+    if not ctx.is_main:
+        return
+    meta = {**file_metadata(ctx), EMA_EXPORT_MARK[0]: EMA_EXPORT_MARK[1]}
+    averaged = {id(p) for p in ctx.ema.params}
+    with ctx.ema.applied():
+        for name, module in ctx.method_modules.items():
+            if any(id(p) in averaged for p in module.parameters()):
+                tensors = {k: v.detach() for k, v in module.state_dict().items()}
+                save_safetensors(tensors, folder / f"ema-{name}.safetensors", {**meta, "diffcore.module": name})
+        if ctx.adapter is not None:
+            ctx.adapter.save(folder / "ema.safetensors", None, meta)
+        elif any(id(p) in averaged for p in ctx.model.backbone.parameters()):
+            save_safetensors(ctx.model.export_state_dict("diffusers"), folder / "ema.safetensors", meta)
+
+
 def save_checkpoint(ctx: Any) -> Path:
     """Write ``checkpoints/step-<step>`` atomically on every rank; prune old ones on rank 0.
 
@@ -186,7 +211,7 @@ def _write_checkpoint(ctx: Any, root: Path, tmp: Path, final: Path) -> None:
     save_safetensors(_rng_state(), tmp / f"rng-rank{ctx.rank}.safetensors")
     if ctx.is_main:
         if ctx.ema is not None:
-            save_safetensors(ctx.ema.state_dict(), tmp / "ema.safetensors", file_metadata(ctx))
+            save_safetensors(ctx.ema.state_dict(), tmp / EMA_STATE, file_metadata(ctx))
         # the method's and callbacks' own state goes in before the rename, so it is never missing
         save_states(tmp / "state", ctx.method, ctx.callbacks)
         state = {
@@ -201,6 +226,8 @@ def _write_checkpoint(ctx: Any, root: Path, tmp: Path, final: Path) -> None:
         }
         (tmp / "trainer.json.tmp").write_text(json.dumps(state, indent=2))
     export_weights(ctx, tmp)
+    if ctx.ema is not None:
+        export_ema(ctx, tmp)
     barrier()
     if ctx.is_main:
         # trainer.json is the completeness marker: written last, then the folder renamed at once
@@ -244,7 +271,16 @@ def checkpoint_damage(path: Path, *, uses_ema: bool) -> list[str]:
         return [f"trainer.json: unreadable ({type(exc).__name__})"]
     if state.get("format", 1) < FORMAT and not (path / MANIFEST).exists():
         return []  # written before checkpoints carried a manifest: nothing to check against
-    return damage(path, unused=() if uses_ema else ("ema.safetensors",))
+    return damage(path, unused=() if uses_ema else _ema_files(path))
+
+
+def _ema_files(path: Path) -> tuple[str, ...]:
+    """The EMA's files the manifest of ``path`` lists (what a job without an EMA does not need)."""
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+    return tuple(rel for rel in entries if "/" not in rel and rel.startswith("ema") and rel.endswith(".safetensors"))
 
 
 def resume_checkpoint(output_dir: Path, *, uses_ema: bool, rank: int) -> Path | None:
@@ -323,11 +359,14 @@ def load_checkpoint(ctx: Any, path: Path, *, universal: bool = False) -> None:
         raise UserError(f"the checkpoint has no RNG state for rank {ctx.rank}", where=str(path),
                         hint="restore the file from a backup, or resume from an older checkpoint")
     if ctx.ema is not None:
-        if not (path / "ema.safetensors").exists():
+        ema_file = path / EMA_STATE
+        if not ema_file.exists() and (path / "ema.safetensors").exists() and not is_ema_export(path / "ema.safetensors"):
+            ema_file = path / "ema.safetensors"  # a checkpoint from before the export: the state under this name
+        if not ema_file.exists():
             raise UserError(
                 "the checkpoint has no EMA weights, but the job sets train.ema_decay",
                 where=str(path),
                 hint="remove train.ema_decay to resume this run, or start a new run to train with an EMA",
             )
-        ctx.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        ctx.ema.load_state_dict(load_file(str(ema_file)))
     load_states(path / "state", ctx.method, ctx.callbacks)

@@ -191,7 +191,11 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     if job.train.ema_decay is not None:
         if job.train.deepspeed.zero_stage == 3:
             raise UserError("train.ema_decay is not supported with zero_stage 3", where="$.train.ema_decay")
-        ctx.ema = EMA(trainable, names, job.train.ema_decay)
+        t = job.train
+        ctx.ema = EMA(
+            trainable, names, job.train.ema_decay, warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma, power=t.ema_power,
+            min_decay=t.ema_min_decay, start_step=t.ema_start_step,
+        )  # fmt: skip
 
     sampler = BucketBatchSampler(
         dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size,
@@ -241,10 +245,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         final.mkdir(parents=True, exist_ok=True)
     barrier()
     path = ckpt.export_weights(ctx, final)
-    if dist.rank == 0 and ctx.ema is not None:
-        from diffcore.weights import save_safetensors
-
-        save_safetensors(ctx.ema.state_dict(), final / "ema.safetensors", ckpt.file_metadata(ctx))
+    if ctx.ema is not None:
+        ckpt.export_ema(ctx, final)
     barrier()
     return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
 
@@ -327,7 +329,7 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: P
         ctx.step += 1
         last_loss = window.end_step()
         if ctx.ema is not None:
-            ctx.ema.update()
+            ctx.ema.update(ctx.step)
         window_samples += ctx.sampler.global_batch * gas
         logged = ctx.step % job.train.log_every == 0 or ctx.step == job.train.steps
         # the host reads the losses only here: at logged steps, and before a checkpoint can keep weights
