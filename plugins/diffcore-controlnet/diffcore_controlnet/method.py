@@ -119,6 +119,12 @@ class ControlNetMethod(DiffusionMethod):
         assert self.net is not None
         control = control.to(latents.device, torch.float32)
         if self.net.trunk.hint_input == "latents":
+            if model.autoencoder is None:
+                raise UserError(
+                    "this ControlNet takes the control image as latents, and the model has no autoencoder loaded",
+                    where="$.model",
+                    hint="load the model with its VAE (a complete latent cache leaves it out: train without data.cache_dir)",
+                )
             size = tuple(s * model.latent_downscale for s in latents.shape[-2:])
             if tuple(control.shape[-2:]) != size:
                 control = F.interpolate(control, size=size, mode="bilinear", align_corners=False)

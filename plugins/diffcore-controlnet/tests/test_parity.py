@@ -174,3 +174,15 @@ def test_a_saved_folder_is_where_a_run_or_sample_can_start(tmp_path: Path, famil
     ours, theirs = net.state_dict(), again.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_latent_hint_without_an_autoencoder_is_a_user_error(tmp_path: Path) -> None:
+    from diffcore.errors import UserError
+
+    model, _ = _flux(tmp_path)  # no VAE loaded
+    method = ControlNetMethod(ControlNetConfig(num_layers=1, num_single_layers=0))
+    method.modules(model)
+    latents, _, cond, t, g = _flux_inputs()
+    with pytest.raises(UserError, match="no autoencoder") as err:
+        method.predict(model, latents, t, cond, {"control": torch.zeros(2, 3, 64, 64)}, guidance=g)
+    assert err.value.where == "$.model"
