@@ -119,6 +119,11 @@ def test_refuses_to_overwrite_its_input(dit: Path, tmp_path: Path, capsys: pytes
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", str(dit / "base"), "-o", str(tmp_path / "taken.safetensors"), "--force"]) == 0
     assert "blocks.0.attn.qkv.weight" in load_file(str(tmp_path / "taken.safetensors"))
+    # --force replaces a model folder, never a folder of other things
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["convert", str(dit / "base"), "--to", "diffusers", "-o", str(tmp_path / "mine"), "--force"]) == 2
+    assert "not a model folder" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
 
 
 def test_unknown_layout_names_what_it_detected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

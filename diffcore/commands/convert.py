@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 MODEL_LAYOUTS = {"original": "original", "single": "original", "diffusers": "diffusers", "folder": "diffusers"}
 # header entries the adapter writes itself; everything else in the input's header is carried over
 _OWN_METADATA = ("diffcore.", "lora_adapter_metadata", "ss_network_")
+_MODEL_FOLDER = ("model_index.json", "config.json")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +126,13 @@ def _check_output(output: Path, inputs: list[Path], force: bool) -> None:
             )
     if output.exists() and not force:
         raise UserError(f"{output} already exists", where="--output", hint="pick a new path or pass --force")
+    # --force replaces a file or a model folder, never a folder of other things (-o ~/models)
+    if output.is_dir() and any(output.iterdir()) and not any((output / n).is_file() for n in _MODEL_FOLDER):
+        raise UserError(
+            f"{output} is a folder that is not a model folder (no model_index.json or config.json)",
+            where="--output",
+            hint="--force replaces only a file or a model folder; give a new path",
+        )
 
 
 def _model_known(name: str) -> None:
