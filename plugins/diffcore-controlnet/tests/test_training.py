@@ -238,3 +238,32 @@ def test_flux_controlnet_trains_samples_and_exports(tmp_path: Path) -> None:
     reference = diffusers.FluxControlNetModel.from_pretrained(str(folder))
     assert reference.config.num_layers == 1 and reference.config.guidance_embeds
     assert not (run.output_dir / "final" / "controlnet-original.safetensors").exists()  # diffusers keys only
+
+
+@pytest.mark.slow
+def test_trains_from_a_complete_latent_cache(tmp_path: Path) -> None:
+    """The second run finds every latent and text feature cached, loads neither the autoencoder nor the
+    text encoder, and the ControlNet still gets its control images (rendered beside the cache)."""
+    pytest.importorskip("diffcore_vae")
+    from _tiny import SD15_UNET, unet_folder
+
+    pipe = tmp_path / "pipe"
+    unet_folder(pipe, SD15_UNET, seed=0, text=True)
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(
+        block_out_channels=[8, 8, 8, 8],  # 8x down, as the default control embedding
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+    ).save_pretrained(pipe / "vae")
+    metadata = _images(tmp_path / "data", 4)
+    job = _job(pipe, metadata)
+    job["model"] = {"type": "sd15", "pretrained": str(pipe), "resolution": 64, "vae_options": {"norm_num_groups": 4}}
+    job["method"] = {"type": "controlnet"}
+    job["data"].update(resolution=64, allow_upscale=True, cache_dir=str(tmp_path / "cache"))
+    first = run_job(job, tmp_path / "first")
+    second = run_job(job, tmp_path / "second")
+    assert len(second.losses) == 2
+    assert second.losses == first.losses  # the same batches, features and draws, from the cache
