@@ -175,3 +175,23 @@ def test_doctor_notes_checkpoints_a_run_would_need_resume_for(tmp_path, capsys):
         f"{tmp_path / 'out'} already holds checkpoints (newest step-4): `diffcore run` needs --resume to continue it, "
         "or choose another output_dir"
     ]
+
+
+def test_the_cpu_memory_figure_sees_a_transient_peak():
+    import torch
+
+    from diffcore.doctor.step import ResidentPeak
+
+    with ResidentPeak() as rss:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert 48 * 2**20 < rss.growth < 256 * 2**20
+
+
+def test_doctor_on_a_dataset_without_buckets_of_its_own(tmp_path, capsys):
+    # the synthetic dataset has no bucket(i): every example has the first one's size
+    code, found = doctor(capsys, str(write_job(tmp_path / "job.yaml", tiny_job(tmp_path / "out"))))
+    assert code == 0
+    assert found["buckets"] == [{"height": 8, "width": 8, "images": 64, "cropped": 0, "downscaled": 0, "upscaled": 0, "worst_crop": 0.0}]
+    assert found["images"] == [] and found["worst_crop"] is None
+    assert found["step"]["bucket"] == [8, 8] and found["step"]["batch_size"] == 4

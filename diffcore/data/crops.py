@@ -67,8 +67,7 @@ def crop_report(dataset: Any) -> CropReport:
     counts: dict[Bucket, int] = {}
     skipped: list[tuple[str, str]] = []
     if leaves is None:  # examples that are not image files (synthetic): only their buckets
-        for i in range(len(dataset)):
-            bucket = tuple(dataset.bucket(i))
+        for bucket in buckets_of(dataset):
             counts[bucket] = counts.get(bucket, 0) + 1
     else:
         for leaf in leaves:
@@ -92,6 +91,22 @@ def crop_report(dataset: Any) -> CropReport:
     rows += [BucketRow(b, n, 0, 0, 0, 0.0) for b, n in counts.items()]
     rows.sort(key=lambda r: (-r.images, r.bucket))
     return CropReport(fits, rows, len(fits) if leaves is not None else sum(counts.values()), skipped)
+
+
+def buckets_of(dataset: Any) -> list[Bucket]:
+    """The (height, width) every example trains at. ``bucket(i)`` is optional in the dataset
+    protocol: without it every example has the first one's size (one group, as the sampler sees it)."""
+    bucket = getattr(dataset, "bucket", None)
+    if bucket is not None:
+        return [_pair(bucket(i)) for i in range(len(dataset))]
+    if len(dataset) == 0:
+        return []
+    return [_pair(tuple(dataset[0]["pixels"].shape[-2:]))] * len(dataset)
+
+
+def _pair(value: Any) -> Bucket:
+    height, width = value
+    return int(height), int(width)
 
 
 def _fit(path: str, placement: Placement) -> ImageFit:

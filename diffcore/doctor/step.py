@@ -3,8 +3,10 @@ without DeepSpeed or an optimizer, so it answers in seconds and shows what the a
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 from diffcore.api import build_component
 from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
-from diffcore.data.crops import image_datasets
+from diffcore.data.crops import buckets_of, image_datasets
 from diffcore.errors import TrainingError, UserError
 
 
@@ -26,11 +28,12 @@ class StepFigures:
     device: str
     seconds: float
     loss: float
-    #: bytes: CUDA max_memory_allocated during the step, or the growth of the process's peak RSS on CPU
+    #: bytes: CUDA max_memory_allocated during the step (weights included), or on the CPU how far the
+    #: process's resident memory rose above its level before the step
     peak: int
     #: how ``peak`` was measured
     measured: str
-    resident: int  # bytes allocated before the step (CUDA) or the process's peak RSS before it (CPU)
+    resident: int  # bytes allocated (CUDA) or resident (CPU) before the step
     trainable: int  # parameters the optimizer would update
 
 
@@ -70,8 +73,11 @@ def build(job: Any, dataset: Any) -> TrainContext:
     for module in ctx.method_modules.values():
         module.to(device).train()
     params = [*ctx.method.setup(ctx), *(p for m in ctx.method_modules.values() for p in m.parameters())]
-    seen: set[int] = set()
-    ctx.trainable = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+    unique: dict[int, torch.nn.Parameter] = {}
+    for param in params:
+        if param.requires_grad:
+            unique.setdefault(id(param), param)
+    ctx.trainable = list(unique.values())
     if not ctx.trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
     return ctx
@@ -79,10 +85,55 @@ def build(job: Any, dataset: Any) -> TrainContext:
 
 def largest(dataset: Any) -> int:
     """The index of an example in the largest bucket (by area)."""
-    return max(range(len(dataset)), key=lambda i: (dataset.bucket(i)[0] * dataset.bucket(i)[1], -i))
+    sizes = buckets_of(dataset)
+    return max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
 
 
-def _peak_rss() -> int:
+class ResidentPeak:
+    """The highest resident set size of this process while the block runs, sampled every few
+    milliseconds from /proc (the kernel's own peak, ru_maxrss, never falls, so a model load that
+    peaked higher earlier would hide the step); where /proc is missing, the growth of ru_maxrss."""
+
+    INTERVAL_S = 0.002
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.before = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._statm = Path("/proc/self/statm")
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _now(self) -> int:
+        return int(self._statm.read_text().split()[1]) * self._page
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self.peak = max(self.peak, self._now())
+
+    def __enter__(self) -> ResidentPeak:
+        if self._statm.is_file():
+            self.before = self.peak = self._now()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        else:
+            self.before = self.peak = _max_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._now())
+        else:
+            self.peak = _max_rss()
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.before)
+
+
+def _max_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
@@ -91,23 +142,23 @@ def measure_step(ctx: TrainContext, index: int) -> StepFigures:
     """Loss, backward and their peak memory for a batch of ``train.batch_size`` at example ``index``."""
     job = ctx.job
     batch = collate([ctx.dataset[index]] * job.train.batch_size)
-    bucket = tuple(ctx.dataset.bucket(index))
+    bucket = buckets_of(ctx.dataset)[index]
     ctx.step_random = StepRandom(job.seed, 0)
     ctx.model.backbone.train()
     cuda = ctx.device.type == "cuda"
+    rss = ResidentPeak()
     if cuda:
         torch.cuda.synchronize(ctx.device)
         torch.cuda.reset_peak_memory_stats(ctx.device)
         before = torch.cuda.memory_allocated(ctx.device)
-    else:
-        before = _peak_rss()
     start = time.perf_counter()
     where = f"bucket {bucket[1]}x{bucket[0]}, batch {job.train.batch_size}"
     try:
-        loss, _ = ctx.method.loss(ctx, batch)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize(ctx.device)
+        with rss:
+            loss, _ = ctx.method.loss(ctx, batch)
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize(ctx.device)
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             f"out of memory in one forward and backward at {where}: lower train.batch_size, turn on "
@@ -124,7 +175,7 @@ def measure_step(ctx: TrainContext, index: int) -> StepFigures:
     if cuda:
         peak, measured = torch.cuda.max_memory_allocated(ctx.device), "CUDA max_memory_allocated"
     else:
-        peak, measured = max(0, _peak_rss() - before), "growth of the process's peak RSS"
+        peak, measured, before = rss.growth, "the process's resident memory above its level before the step", rss.before
     for p in ctx.trainable:
         p.grad = None
     return StepFigures(
