@@ -79,12 +79,13 @@ def test_on_a_terminal_it_asks(tmp_path: Path, images: Path, monkeypatch, capsys
         def isatty(self) -> bool:
             return True
 
-    answers = iter(["sdxl", "/models/sdxl", str(images)])
+    answers = iter(["sdxl", "/models/sdxl", str(images), "", "32"])  # resolution: the default
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
     job = tmp_path / "asked.yaml"
     assert main(["init", "-o", str(job)]) == 0
     loaded = yaml.safe_load(job.read_text())
     assert loaded["model"] == {"type": "sdxl", "pretrained": "/models/sdxl", "resolution": 1024, "dtype": "bfloat16"}
-    assert loaded["data"]["path"] == str(images)
+    assert loaded["data"]["path"] == str(images) and loaded["data"]["resolution"] == 1024
+    assert loaded["adapter"]["rank"] == 32
     assert main(["validate", str(job)]) == 0

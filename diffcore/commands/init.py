@@ -136,8 +136,11 @@ def init_command(args: argparse.Namespace) -> int:
     if pretrained is None and "pretrained" in fields and (preset is None or model != "dit"):
         pretrained = ask("--pretrained", "model files (diffusers folder or single file)", None, "/path/to/model")
     data = args.data or ask("--data", "folder of training images", None, "./images")
-    resolution = args.resolution or (preset.resolution if preset else 512)
-    rank = args.rank or 16
+    resolution = args.resolution or _number(
+        ask("--resolution", "training resolution in pixels", None, str(preset.resolution if preset else 512)),
+        "--resolution",
+    )
+    rank = args.rank or (_number(ask("--rank", "adapter rank", None, "16"), "--rank") if method != FULL else 16)
     text = render(
         model=model,
         method=method,
@@ -170,6 +173,12 @@ def _asker(tty: bool) -> Callable[[str, str, str | None, str | None], str]:
         return answer or str(default)
 
     return ask
+
+
+def _number(text: str, flag: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"expected a positive whole number, got {text!r}", where=flag)
+    return int(text)
 
 
 def _value(value: Any) -> str:
