@@ -170,3 +170,17 @@ def test_run_report_keeps_the_page_current(tmp_path):
     assert page.count('class="ok">intact') == 2  # checkpoints step-2 and step-4
     saved = yaml.safe_load((tmp_path / "out" / "job.yaml").read_text())
     assert {"type": "report", "every_s": 30.0} in saved["callbacks"]
+
+
+def test_a_long_run_keeps_the_page_small(tmp_path, monkeypatch):
+    from diffcore.report import collect, page
+
+    out = fake_run(tmp_path)
+    rows = [{"step": s, "loss": 1.0 + (s % 7) / 10, "lr": 1e-4, "samples_per_sec": 10.0} for s in range(1, 5001)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(collect, "FOLDERS_SHOWN", 1)
+    text = write_report(out).read_text()
+    loss_line = text.split(f'stroke="{LOSS_SMOOTH}"')[0].rsplit("<polyline", 1)[1]
+    assert loss_line.count(",") == page.MAX_POINTS
+    assert "<h3>step 40</h3>" in text and "<h3>step 20</h3>" not in text
+    assert "and 1 older sample folders in samples/" in text

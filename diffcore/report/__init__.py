@@ -6,7 +6,6 @@ page links its images relatively, so it stays small and opens from disk as well 
 
 from __future__ import annotations
 
-from diffcore.report.collect import RunFiles, collect
 from diffcore.report.write import write_report
 
-__all__ = ["RunFiles", "collect", "write_report"]
+__all__ = ["write_report"]

@@ -16,8 +16,10 @@ from diffcore.errors import UserError
 from diffcore.training.manifest import MANIFEST, damage
 
 _STEP = re.compile(r"^step-(\d+)$")
-#: images shown per sample folder (the rest are counted): a page of thousands of images is no report
+#: images shown per sample folder, and sample folders shown (the newest; the rest are counted): a
+#: page of thousands of images is no report, and the training callback rereads what it shows
 SHOWN_PER_FOLDER = 64
+FOLDERS_SHOWN = 24
 
 
 @attrs.frozen
@@ -58,6 +60,8 @@ class RunFiles:
     total_steps: int | None
     metrics: list[dict[str, Any]]
     samples: list[SampleFolder]
+    #: sample folders left out (older than the FOLDERS_SHOWN newest)
+    older_samples: int
     job_text: str
     versions: dict[str, str]
     versions_from: str
@@ -86,6 +90,7 @@ def collect(output_dir: Path, *, intact_memo: dict[tuple[str, int], tuple[str, b
         )
     job_text, job = _read_job(output_dir / "job.yaml")
     checkpoints = _checkpoints(output_dir, intact_memo if intact_memo is not None else {})
+    samples, older = _samples(output_dir)
     versions, versions_from = _versions(output_dir, checkpoints)
     train = job.get("train")
     total = train.get("steps") if isinstance(train, dict) else None
@@ -94,7 +99,8 @@ def collect(output_dir: Path, *, intact_memo: dict[tuple[str, int], tuple[str, b
         name=str(job.get("name") or output_dir.name),
         total_steps=total if isinstance(total, int) else None,
         metrics=_metrics(output_dir / "metrics.jsonl"),
-        samples=_samples(output_dir),
+        samples=samples,
+        older_samples=older,
         job_text=job_text,
         versions=versions,
         versions_from=versions_from,
@@ -146,22 +152,27 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _samples(output_dir: Path) -> list[SampleFolder]:
+def _samples(output_dir: Path) -> tuple[list[SampleFolder], int]:
+    """The newest sample folders, oldest first (final last), and how many older ones are left out."""
     root = output_dir / "samples"
     if not root.is_dir():
-        return []
-    folders: list[tuple[float, SampleFolder]] = []
+        return [], 0
+    found: list[tuple[float, Path]] = []
     for child in root.iterdir():
         match = _STEP.match(child.name)
-        if not child.is_dir() or not (match or child.name == "final"):
-            continue
+        if child.is_dir() and (match or child.name == "final"):
+            found.append((int(match.group(1)) if match else math.inf, child))
+    found.sort(key=lambda item: item[0])
+    shown = found[-FOLDERS_SHOWN:]
+    folders = []
+    for order, child in shown:
         pngs = sorted(p for p in child.iterdir() if p.suffix.lower() == ".png" and p.is_file())
         singles = [p for p in pngs if not p.name.startswith("grid")]
         chosen = singles or pngs  # the tiled grid only when there are no single images
         images = [s for s in (_sample(output_dir, p) for p in chosen[:SHOWN_PER_FOLDER]) if s is not None]
-        step = int(match.group(1)) if match else None
-        folders.append((step if step is not None else math.inf, SampleFolder(child.name, step, images, len(chosen) - len(images))))
-    return [folder for _, folder in sorted(folders, key=lambda item: item[0])]
+        step = None if order == math.inf else int(order)
+        folders.append(SampleFolder(child.name, step, images, len(chosen) - len(images)))
+    return folders, len(found) - len(shown)
 
 
 def _sample(output_dir: Path, path: Path) -> Sample | None:

@@ -55,7 +55,7 @@ def render(run: RunFiles) -> str:
         _charts(run.metrics),
         *(["<h2>Quality</h2>", _quality(run.quality)] if run.quality else []),
         "<h2>Samples</h2>",
-        _samples(run.samples),
+        _samples(run.samples, run.older_samples),
         "<h2>Checkpoints</h2>",
         _checkpoints(run),
         "<h2>Plugins</h2>",
@@ -71,6 +71,18 @@ def render(run: RunFiles) -> str:
     )
 
 
+#: points drawn per line at most: a long run's thousands of logged steps thinned evenly (a browser
+#: draws a polyline of 1000 points as well as one of 100 000, and the page stays small)
+MAX_POINTS = 1000
+
+
+def _thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(points) <= MAX_POINTS:
+        return points
+    stride = (len(points) - 1) / (MAX_POINTS - 1)
+    return [points[round(i * stride)] for i in range(MAX_POINTS)]
+
+
 def _column(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     return [(float(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
 
@@ -79,9 +91,9 @@ def _charts(rows: list[dict[str, Any]]) -> str:
     loss = _column(rows, "loss")
     smoothed = list(zip([x for x, _ in loss], smooth([y for _, y in loss])))
     charts = [
-        line_chart("loss", [Series("loss", loss, LOSS_RAW, 1.2), Series("smoothed (EMA 0.9)", smoothed, LOSS_SMOOTH, 2.0)]),
-        line_chart("learning rate", [Series("lr", _column(rows, "lr"), LR, 2.0)]),
-        line_chart("throughput", [Series("samples/s", _column(rows, "samples_per_sec"), THROUGHPUT, 2.0)]),
+        line_chart("loss", [Series("loss", _thin(loss), LOSS_RAW, 1.2), Series("smoothed (EMA 0.9)", _thin(smoothed), LOSS_SMOOTH, 2.0)]),
+        line_chart("learning rate", [Series("lr", _thin(_column(rows, "lr")), LR, 2.0)]),
+        line_chart("throughput", [Series("samples/s", _thin(_column(rows, "samples_per_sec")), THROUGHPUT, 2.0)]),
     ]
     return '<div class="charts">' + "".join(charts) + "</div>"
 
@@ -121,11 +133,12 @@ def _folder(folder: SampleFolder) -> str:
     return f'<h3>{title}</h3><div class="samples">{"".join(figures)}</div>{more}'
 
 
-def _samples(folders: list[SampleFolder]) -> str:
+def _samples(folders: list[SampleFolder], older: int) -> str:
     if not folders:
         return '<p class="muted">no samples yet (the sample callback writes samples/step-N/)</p>'
     # newest first: the page is mostly read to see how the run is doing now
-    return "".join(_folder(f) for f in reversed(folders))
+    more = f'<p class="muted">and {older} older sample folders in samples/</p>' if older else ""
+    return "".join(_folder(f) for f in reversed(folders)) + more
 
 
 def _size(count: int) -> str:
