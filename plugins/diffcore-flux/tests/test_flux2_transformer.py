@@ -134,12 +134,16 @@ def test_released_variant_sizes():
 
 
 def test_wrong_checkpoints_are_user_errors(tmp_path):
+    from _flux_tiny import AXES as FLUX1_AXES
     from _flux_tiny import reference_transformer as flux1_transformer
 
     flux1 = flux1_transformer(True)
     save_safetensors(dict(flux1.state_dict()), tmp_path / "flux1_diffusers.safetensors")
     flux1.save_pretrained(tmp_path / "flux1")
-    for path in (tmp_path / "flux1_diffusers.safetensors", tmp_path / "flux1"):
+    bfl = diffcore.load_model("flux", pretrained=tmp_path / "flux1", axes_dim=FLUX1_AXES).save_pretrained(
+        tmp_path / "flux1-dev.safetensors", layout="original"
+    )
+    for path in (tmp_path / "flux1_diffusers.safetensors", tmp_path / "flux1", bfl):
         with pytest.raises(UserError, match="Flux.1") as info:
             diffcore.load_model("flux2", pretrained=path)
         assert "'flux'" in info.value.hint
