@@ -100,8 +100,8 @@ def convert_command(args: argparse.Namespace) -> int:
         raise UserError(
             f"unknown layout: {describe(found)}; no installed model or adapter recognises it",
             where=str(source),
-            hint="models that convert: " + (", ".join(_detecting("model")) or "none")
-            + "; give --model TYPE if it is one of them in a layout they do not detect",
+            hint="models that detect their files: " + (", ".join(_detecting("model")) or "none")
+            + "; for another installed model give --model TYPE and --to original|diffusers",
         )
     target = _model_target(args.to, layout, bool(args.merge), source)
     written = _convert_model(args, source, output, name, target, found.dtype)
