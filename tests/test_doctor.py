@@ -195,3 +195,6 @@ def test_doctor_on_a_dataset_without_buckets_of_its_own(tmp_path, capsys):
     assert found["buckets"] == [{"height": 8, "width": 8, "images": 64, "cropped": 0, "downscaled": 0, "upscaled": 0, "worst_crop": 0.0}]
     assert found["images"] == [] and found["worst_crop"] is None
     assert found["step"]["bucket"] == [8, 8] and found["step"]["batch_size"] == 4
+    assert found["step"]["precision"] == "no"
+    code, found = doctor(capsys, str(tmp_path / "job.yaml"), "--set", "train.mixed_precision=bf16")
+    assert code == 0 and found["step"]["precision"] == "bf16" and np.isfinite(found["step"]["loss"])

@@ -147,7 +147,8 @@ def _text(found: dict[str, Any]) -> str:
     if "step" in found:
         s = found["step"]
         lines.append(
-            f"one forward and backward at bucket {s['bucket'][1]}x{s['bucket'][0]}, batch {s['batch_size']} on {s['device']}: "
+            f"one forward and backward at bucket {s['bucket'][1]}x{s['bucket'][0]}, batch {s['batch_size']} on {s['device']}"
+            f"{'' if s['precision'] == 'no' else ' under ' + s['precision'] + ' autocast'}: "
             f"{s['seconds']:.2f} s, loss {s['loss']:.4g}, peak {_size(s['peak'])} ({s['measured']}; without the "
             f"optimizer's state: {s['trainable']:,} trainable parameters, AdamW keeps 2 fp32 values each)"
         )

@@ -25,6 +25,7 @@ from diffcore.errors import TrainingError, UserError
 class StepFigures:
     bucket: tuple[int, int]
     batch_size: int
+    precision: str
     device: str
     seconds: float
     loss: float
@@ -138,6 +139,18 @@ def _max_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def _precision(job: Any, device: torch.device) -> Any:
+    """Activations in the job's mixed precision (autocast): they are what the peak is mostly made of.
+    DeepSpeed also keeps the trained weights in that dtype, which autocast does not, so on a large
+    model the run's own peak is somewhat lower than this one."""
+    import contextlib
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if job.train.mixed_precision not in dtypes:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtypes[job.train.mixed_precision])
+
+
 def measure_step(ctx: TrainContext, index: int) -> StepFigures:
     """Loss, backward and their peak memory for a batch of ``train.batch_size`` at example ``index``."""
     job = ctx.job
@@ -154,7 +167,7 @@ def measure_step(ctx: TrainContext, index: int) -> StepFigures:
     start = time.perf_counter()
     where = f"bucket {bucket[1]}x{bucket[0]}, batch {job.train.batch_size}"
     try:
-        with rss:
+        with rss, _precision(job, ctx.device):
             loss, _ = ctx.method.loss(ctx, batch)
             loss.backward()
             if cuda:
@@ -181,6 +194,7 @@ def measure_step(ctx: TrainContext, index: int) -> StepFigures:
     return StepFigures(
         bucket=bucket,
         batch_size=job.train.batch_size,
+        precision=job.train.mixed_precision,
         device=str(ctx.device),
         seconds=seconds,
         loss=value,
