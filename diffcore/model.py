@@ -151,6 +151,12 @@ class DiffusionModel:
         """A batch (``captions``, ``labels``, extra inputs) -> what ``predict`` takes as ``cond``."""
         raise NotImplementedError(f"{type(self).__name__} must implement encode_conditions")
 
+    def complete_conditions(self, cond: Any, batch: Mapping[str, Any]) -> Any:
+        """``cond`` read from the text cache, completed with what the batch's image inputs give
+        (reference images, an inpainting mask) as ``encode_conditions`` would add them; the default
+        model has none and returns ``cond``."""
+        return cond
+
     def predict(self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: Any, **extra: Any) -> torch.Tensor:
         """The backbone's output in ``prediction_type``; ``t`` in the model's own training time."""
         raise NotImplementedError(f"{type(self).__name__} must implement predict")

@@ -73,7 +73,10 @@ class DiffusionMethod(Method):
         if self.config.condition_dropout > 0 and "cond" not in batch:
             drop = rand.rand(b) < self.config.condition_dropout
             batch = drop_conditions(model, batch, drop)
-        cond = to_device(batch["cond"], device) if "cond" in batch else model.encode_conditions(batch)
+        if "cond" in batch:  # text from the cache; the model adds what the batch's images give
+            cond = model.complete_conditions(to_device(batch["cond"], device), batch)
+        else:
+            cond = model.encode_conditions(batch)
 
         noise = rand.randn(tuple(latents.shape)).to(device)
         if sched.noise_offset:
