@@ -220,3 +220,24 @@ def test_text_encoder_from_a_single_file(tmp_path, dev):
         a = folder.encode_conditions({"captions": CAPTIONS})["txt"]
         b = single.encode_conditions({"captions": CAPTIONS})["txt"]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_cached_text_is_completed_with_the_batch_references(case):
+    """With a text cache the method hands the cached conditioning to complete_conditions, which adds
+    the references (and Fill inputs) encode_conditions would have added."""
+    from diffcore.methods.config import DiffusionMethodConfig
+    from diffcore.methods.diffusion import DiffusionMethod
+    from diffcore.testing import fake_context
+
+    _, _, _, model = case
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    batch = {"captions": CAPTIONS, "reference": [pixels, -pixels]}
+    with torch.no_grad():
+        full = model.encode_conditions(batch)
+        cached = {"latents": model.encode_images(pixels), "cond": {"txt": full["txt"]}, "reference": batch["reference"]}
+        ctx = fake_context(model, method=DiffusionMethod(DiffusionMethodConfig()))
+        cond = ctx.method.noise(ctx, cached).cond
+    assert len(cond["reference_latents"]) == 2
+    for ours, want in zip(cond["reference_latents"], full["reference_latents"], strict=True):
+        torch.testing.assert_close(ours, want)
+    torch.testing.assert_close(cond["txt"], full["txt"])

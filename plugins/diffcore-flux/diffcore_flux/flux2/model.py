@@ -91,6 +91,13 @@ class Flux2Model(DiffusionModel):
 
     # -- latents ---------------------------------------------------------------------------------
     def _require_autoencoder(self) -> None:
+        if self.autoencoder is None and not self.config.load_encoders:
+            raise UserError(
+                "the autoencoder was not loaded because the latent cache is complete, but reference "
+                "images, masks and samples need it",
+                where="$.data.cache_dir",
+                hint="train edit jobs without a cache_dir",
+            )
         if self.autoencoder is None:
             raise UserError(
                 "this Flux.2 model has no autoencoder loaded",
@@ -115,7 +122,12 @@ class Flux2Model(DiffusionModel):
                 hint="set pretrained to a diffusers Flux.2 folder, or text_encoder and tokenizer",
             )
         captions = batch["captions"]
-        cond: dict[str, Any] = {"txt": self.text.encode([captions] if isinstance(captions, str) else list(captions))}
+        txt = self.text.encode([captions] if isinstance(captions, str) else list(captions))
+        return self.complete_conditions({"txt": txt}, batch)
+
+    def complete_conditions(self, cond: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Text conditioning (encoded, or read from the cache) plus the batch's references and mask."""
+        cond = dict(cond)
         references = _images(batch.get("reference"))
         mask = batch.get("mask")
         if mask is None:
