@@ -115,7 +115,8 @@ def file_metadata(ctx: Any) -> dict[str, str]:
 
 def export_weights(ctx: Any, folder: Path) -> Path:
     """Write the trainable weights into ``folder`` on rank 0 (every rank joins ZeRO-3 gathers):
-    the adapter or the model, and each method module as ``<name>.safetensors``. The main path."""
+    the adapter or the model, and each method module as ``<name>.safetensors``. The main path.
+    A frozen backbone loaded from a file is not written when only method modules train."""
     meta = file_metadata(ctx)
     for name, module in ctx.method_modules.items():
         with ctx.gathered(module.parameters()):
@@ -130,6 +131,14 @@ def export_weights(ctx: Any, folder: Path) -> Path:
             if ctx.is_main:
                 ctx.adapter.save(path, None, meta)
         return path
+    trained = {id(p) for p in ctx.trainable}
+    model_trains = any(id(p) in trained for m in ctx.model.trainable_modules().values() for p in m.parameters())
+    if ctx.method_modules and not model_trains and ctx.model.base_model:
+        # only the method's modules train (a ControlNet, token embeddings) beside a backbone loaded
+        # from a file: that file already holds it, so it is not copied into every checkpoint (a full
+        # Flux backbone is 24 GB). A randomly initialised backbone is still written, since nothing
+        # else could reproduce it.
+        return folder / f"{next(iter(ctx.method_modules))}.safetensors"
     path = folder / "model.safetensors"
     with ctx.gathered():
         if ctx.is_main:
