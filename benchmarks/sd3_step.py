@@ -6,7 +6,8 @@ both alike. The default is SD3.5-medium-shaped (MMDiT-X: dual attention in the f
 blocks, RMS q/k norm) at a CPU-sized width. Memory: the activations autograd keeps for backward (on
 every device) and, on CUDA, the peak ``torch.cuda.max_memory_allocated`` growth of one step. Prints
 the figures and the ratios diffcore / diffusers (below 1.0 = diffcore better); time as the median and
-as the best step (the one a busy shared machine disturbed least).
+as the best step. On CPU a step's time is this process's CPU time (``time.process_time``; one thread
+by default), so other work on a shared machine does not count; on CUDA it is wall time.
 
     python benchmarks/sd3_step.py                                 # CPU-sized SD3.5-medium shape
     python benchmarks/sd3_step.py --variant large --checkpointing
@@ -184,13 +185,14 @@ def main() -> None:
             for step in steps.values():
                 step()
         times: dict[str, list[float]] = {w: [] for w in steps}
+        clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
         for _ in range(args.steps):
             for which, step in steps.items():
                 sync(args.device)
-                start = time.perf_counter()
+                start = clock()
                 step()
                 sync(args.device)
-                times[which].append(time.perf_counter() - start)
+                times[which].append(clock() - start)
         peak = {w: peak_bytes(steps[w], args.device) for w in steps}
     ms = {w: statistics.median(t) * 1000 for w, t in times.items()}
     best = {w: min(t) * 1000 for w, t in times.items()}

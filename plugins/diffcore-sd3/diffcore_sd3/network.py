@@ -65,7 +65,9 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, dim) -> q, k, v each (B, H, L, D), q and k normed."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        # unbound along the fused dimension, so that backward stacks the three gradients straight into
+        # the (B, L, 3, H, D) layout of the projection's output (no further copy)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2))
         if self.ln_q is not None and self.ln_k is not None:
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
@@ -131,12 +133,14 @@ class JointBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (xq, xk, xv), x_mod = self.x_block.pre_attention(x, vec)
         (cq, ck, cv), c_mod = self.context_block.pre_attention(c, vec)
-        out = attention(torch.cat((xq, cq), dim=2), torch.cat((xk, ck), dim=2), torch.cat((xv, cv), dim=2))
+        k, v = torch.cat((xk, ck), dim=2), torch.cat((xv, cv), dim=2)
+        if self.context_block.pre_only:
+            # the last block's text outputs are discarded: only the image tokens ask
+            return self.x_block.post_attention(x, attention(xq, k, v), x_mod), c
+        out = attention(torch.cat((xq, cq), dim=2), k, v)
         n = x.shape[1]
         x = self.x_block.post_attention(x, out[:, :n], x_mod)
-        if not self.context_block.pre_only:
-            c = self.context_block.post_attention(c, out[:, n:], c_mod)
-        return x, c
+        return x, self.context_block.post_attention(c, out[:, n:], c_mod)
 
 
 class PatchEmbed(nn.Module):
