@@ -34,9 +34,9 @@ class Flux2Text:
     def width(self) -> int:
         return len(self.encoder.config.layers) * int(self.model.config.hidden_size)
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
-        # Padded to max_length and attended with the padding mask inside the LLM; the transformer
+        # No no_grad here: the kernel's encoder keeps a graph only when the LLM has trainable
+        # parameters (a text-encoder adapter), and runs without one otherwise. Padded to max_length and attended with the padding mask inside the LLM; the transformer
         # then sees every position (the pipelines pass no text mask to it either).
         return self.encoder.encode(captions).hidden
 
