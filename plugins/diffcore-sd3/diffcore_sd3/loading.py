@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,48 +104,64 @@ def _check_variant(shape: TransformerShape, config: SD3Config, where: str) -> No
         )
 
 
-def load_transformer(located: Located, config: SD3Config, dtype: torch.dtype) -> SD3Transformer:
-    """The transformer from a diffusers folder, the original single file (with or without the
-    ``model.diffusion_model.`` prefix) or a single file with diffusers key names; streamed into a
-    module built on the meta device."""
+@attrs.frozen
+class TransformerFile:
+    """A located transformer read as far as its sizes: its shape, the tensors to stream (prefix
+    removed) and their layout."""
+
+    shape: TransformerShape
+    items: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    layout: str
+    where: str
+
+
+def inspect_transformer(located: Located, config: SD3Config) -> TransformerFile:
+    """The sizes of a diffusers folder, the original single file (with or without the
+    ``model.diffusion_model.`` prefix) or a single file with diffusers key names, checked against
+    the section's type and variant; no weights are read."""
     where = located.where
     checkpoint = located.checkpoint()
     if located.config is not None:
-        return _from_diffusers(checkpoint.items(), located.config, config, dtype, where)
+        shape = convert.shape_from_diffusers_config(located.config)
+        _check_variant(shape, config, where)
+        return TransformerFile(shape, checkpoint.items, "diffusers", where)
     keys = checkpoint.keys()
     prefix = convert.PREFIX if any(k.startswith(convert.PREFIX) for k in keys) else ""
     if prefix + "x_embedder.proj.weight" not in checkpoint:
         prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
-        if prefix + "pos_embed.proj.weight" in checkpoint:
-            shapes = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
-            diffusers_config = convert.diffusers_config_from_keys(
-                set(shapes), lambda k: tuple(checkpoint.get(shapes[k]).shape)
+        if prefix + "pos_embed.proj.weight" not in checkpoint:
+            raise UserError(
+                "not an SD3 transformer: neither the original keys (model.diffusion_model.x_embedder.proj.weight) "
+                "nor diffusers' (pos_embed.proj.weight)",
+                where=where,
+                hint="pass a diffusers SD3 folder or the original sd3*.safetensors single file",
             )
-            return _from_diffusers(checkpoint.items(prefix), diffusers_config, config, dtype, where)
-        raise UserError(
-            "not an SD3 transformer: neither the original keys (model.diffusion_model.x_embedder.proj.weight) "
-            "nor diffusers' (pos_embed.proj.weight)",
-            where=where,
-            hint="pass a diffusers SD3 folder or the original sd3*.safetensors single file",
+        shapes = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+        diffusers_config = convert.diffusers_config_from_keys(
+            set(shapes), lambda k: tuple(checkpoint.get(shapes[k]).shape)
         )
-    own = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
-    shape = convert.shape_from_original(own, lambda k: tuple(checkpoint.get(prefix + k).shape))
-    shape = attrs.evolve(shape, sample_size=config.sample_size)
+        shape = convert.shape_from_diffusers_config(diffusers_config)
+        layout = "diffusers"
+    else:
+        own = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
+        shape = convert.shape_from_original(own, lambda k: tuple(checkpoint.get(prefix + k).shape))
+        shape = attrs.evolve(shape, sample_size=config.sample_size)
+        layout = "original"
     _check_variant(shape, config, where)
-    with empty_weights():
-        backbone = SD3Transformer(shape)
     # an all-in-one file also holds the VAE and text encoders: only the prefix is read
-    stream = convert.from_original(checkpoint.items(prefix), backbone.state_dict(), where=where)
-    return load_into(backbone, stream, where=where, dtype=dtype)
+    return TransformerFile(shape, functools.partial(checkpoint.items, prefix), layout, where)
 
 
-def _from_diffusers(items, diffusers_config: dict[str, Any], config: SD3Config, dtype: torch.dtype, where: str):
-    shape = convert.shape_from_diffusers_config(diffusers_config)
-    _check_variant(shape, config, where)
+def load_transformer(found: TransformerFile, dtype: torch.dtype) -> SD3Transformer:
+    """The transformer, streamed into a module built on the meta device."""
     with empty_weights():
-        backbone = SD3Transformer(shape)
-    stream = convert.from_diffusers(items, backbone.state_dict(), shape, where=where)
-    return load_into(backbone, stream, where=where, dtype=dtype)
+        backbone = SD3Transformer(found.shape)
+    own = backbone.state_dict()
+    if found.layout == "diffusers":
+        stream = convert.from_diffusers(found.items(), own, found.shape, where=found.where)
+    else:
+        stream = convert.from_original(found.items(), own, where=found.where)
+    return load_into(backbone, stream, where=found.where, dtype=dtype)
 
 
 def _require_text(sources: Sources, config: SD3Config) -> None:
@@ -174,10 +192,12 @@ def build_sd3(config: SD3Config) -> SD3Model:
     dtype = torch_dtype(config.dtype, "$.model.dtype")
     frozen_dtype = torch_dtype(config.frozen_dtype or config.dtype, "$.model.frozen_dtype")
     sources = resolve(config)
-    if config.load_encoders and sources.transformer is not None:
+    # everything a user can get wrong is checked before any weights are read
+    found = inspect_transformer(sources.transformer, config) if sources.transformer is not None else None
+    if config.load_encoders and found is not None:
         _require_text(sources, config)
-    if sources.transformer is not None:
-        backbone = load_transformer(sources.transformer, config, dtype)
+    if found is not None:
+        backbone = load_transformer(found, dtype)
     else:
         backbone = SD3Transformer(config.shape()).to(dtype)
     text = None

@@ -153,3 +153,48 @@ def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no T5") as info:
         diffcore.load_model("sd35", variant="medium", pretrained=tmp_path / "pipe")
     assert "t5: false" in str(info.value.hint)
+
+
+def test_bad_inputs_exit_2_through_the_cli_and_write_nothing(tmp_path):
+    """diffcore run: one line naming the option, exit 2, and an existing output folder untouched."""
+    import yaml
+    from _sd3_tiny import reference_transformer
+
+    from diffcore.testing import run_cli
+
+    parts = write_pipeline(tmp_path / "pipe", "sd35-large")
+    model = diffcore.load_model("sd35", pretrained=tmp_path / "pipe", max_sequence_length=MAX_LEN)
+    bare = _single_file(tmp_path, parts, model, clips=False, t5=False)
+    reference_transformer("sd35-medium").save_pretrained(tmp_path / "medium")
+    from transformers import T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(vocab_size=70, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1)).save_pretrained(
+        tmp_path / "t5-narrow"
+    )
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-5").mkdir(parents=True)
+    (out / "checkpoints" / "step-5" / "marker").write_text("kept")
+    (tmp_path / "data").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "data" / "0.png")
+    (tmp_path / "data" / "0.txt").write_text("a red square")
+    cases = [
+        ({"pretrained": str(bare)}, "$.model.text_encoder"),
+        ({"pretrained": str(tmp_path / "pipe"), "text_encoder_3": str(tmp_path / "t5-narrow")}, "$.model.text_encoder_3"),
+        ({"pretrained": str(tmp_path / "medium"), "variant": "large"}, "$.model.variant"),
+    ]  # fmt: skip
+    for model_section, where in cases:
+        job = {
+            "output_dir": str(out),
+            "model": {"type": "sd35", **model_section},
+            "data": {"type": "folder", "path": str(tmp_path / "data"), "resolution": 32, "buckets": False},
+            "train": {"steps": 1},
+        }
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        done = run_cli("run", str(tmp_path / "job.yaml"))
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert where in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "checkpoints", "checkpoints/step-5", "checkpoints/step-5/marker",
+    ]  # fmt: skip
