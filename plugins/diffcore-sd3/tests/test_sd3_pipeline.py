@@ -198,3 +198,22 @@ def test_bad_inputs_exit_2_through_the_cli_and_write_nothing(tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "checkpoints", "checkpoints/step-5", "checkpoints/step-5/marker",
     ]  # fmt: skip
+
+
+def test_sd35_resolution_dependent_shift_matches_diffusers():
+    """The section the examples give for SD3.5's dynamic shift walks diffusers' sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    ours = diffcore.load_scheduler(
+        "flow", shift=1.0, dynamic_shift="flux1", max_shift=1.16, sigma_spacing="sd3"
+    )
+    reference = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.16,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    for seq_len in (256, 1024, 4096):
+        mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.16)
+        reference.set_timesteps(28, mu=mu)
+        schedule = ours.sampling_schedule(28, "euler", seq_len=seq_len)
+        assert torch.allclose(schedule.sigmas.float(), reference.sigmas.float(), atol=1e-5)
