@@ -101,3 +101,29 @@ def test_kohya_file_uses_comfyui_names(tmp_path):
     adapter_type = diffcore.build_component("adapter", "lora", {"rank": 1, "text_encoders": True})
     adapter_type.from_file(fresh, tmp_path / "lora.safetensors", 1.0)
     assert (_velocity(fresh) - ours).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr"])
+def test_other_adapter_kinds_wrap_the_fused_layers(tmp_path, kind):
+    from safetensors.torch import load_file
+
+    write_pipeline(tmp_path / "sd35", "sd35-medium")
+    model = diffcore.load_model("sd35", variant="medium", pretrained=tmp_path / "sd35", max_sequence_length=MAX_LEN)
+    before = _velocity(model)
+    adapter = diffcore.build_component("adapter", kind, {"rank": 2, "text_encoders": ["te1"]})
+    params = adapter.attach(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+    after = _velocity(model)
+    assert (after - before).abs().max() > 1e-3
+    adapter.save(tmp_path / "a.safetensors")
+    keys = load_file(str(tmp_path / "a.safetensors"))
+    assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn2_qkv.") for k in keys)
+    assert any(k.startswith("lora_te1_") for k in keys)
+    fresh = diffcore.load_model("sd35", variant="medium", pretrained=tmp_path / "sd35", max_sequence_length=MAX_LEN)
+    diffcore.build_component("adapter", kind, {"rank": 2, "text_encoders": ["te1"]}).from_file(
+        fresh, tmp_path / "a.safetensors", 1.0
+    )
+    assert (_velocity(fresh) - after).abs().max() < 1e-5
