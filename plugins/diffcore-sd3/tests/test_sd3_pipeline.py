@@ -114,18 +114,30 @@ def _single_file(tmp_path, parts, model, *, clips: bool, t5: bool):
 
 
 def test_single_file_with_its_text_encoders_matches_the_folder(tmp_path):
-    parts = write_pipeline(tmp_path / "pipe", "sd35-medium")
+    """An all-in-one file: transformer, the three encoders and the VAE (first_stage_model.*)."""
+    pytest.importorskip("diffcore_vae")
+    from safetensors.torch import load_file
+
+    parts = write_pipeline(tmp_path / "pipe", "sd35-medium", vae=True)
     folder = diffcore.load_model("sd35", variant="medium", pretrained=tmp_path / "pipe", max_sequence_length=MAX_LEN)
     file = _single_file(tmp_path, parts, folder, clips=True, t5=True)
+    vae_file = folder.autoencoder.save(tmp_path / "vae.safetensors", layout="original")
+    tensors = load_file(str(file))
+    tensors.update({"first_stage_model." + k.removeprefix("first_stage_model."): v for k, v in load_file(str(vae_file)).items()})
+    diffcore.weights.save_safetensors(tensors, file)
     tokenizers = {f"tokenizer{s}": str(tmp_path / "pipe" / f"tokenizer{s}") for s in ("", "_2", "_3")}
-    single = diffcore.load_model(
-        "sd35", variant="medium", pretrained=file, max_sequence_length=MAX_LEN, **tokenizers
+    single = diffcore.load_model(  # a file has no VAE config: the tiny VAE's group count is given
+        "sd35", variant="medium", pretrained=file, max_sequence_length=MAX_LEN, vae_options={"norm_num_groups": 4},
+        **tokenizers,
     )
     with torch.no_grad():
         a = folder.encode_conditions({"captions": CAPTIONS})
         b = single.encode_conditions({"captions": CAPTIONS})
     assert torch.allclose(a["context"], b["context"], atol=1e-5)
     assert torch.allclose(a["pooled"], b["pooled"], atol=1e-5)
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert single.autoencoder is not None
+    assert torch.allclose(single.encode_images(pixels), folder.encode_images(pixels), atol=1e-5)
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
