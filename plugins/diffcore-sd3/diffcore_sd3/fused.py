@@ -16,32 +16,43 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 class _ModulatedLayerNorm(torch.autograd.Function):
-    """``layer_norm(x) * (1 + scale) + shift`` keeping x, its statistics and the scale; the normed
-    tensor is recomputed in backward instead of kept."""
+    """``layer_norm(x) * (1 + scale_i) + shift_i`` for one or more (shift, scale) pairs, keeping x, its
+    statistics and the scales; the normed tensor is recomputed in backward instead of kept."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, eps: float, *mods: torch.Tensor):
         normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
-        factor = 1 + scale[:, None]
-        ctx.save_for_backward(x, mean, rstd, factor)
-        return torch.addcmul(shift[:, None], normed, factor)
+        factors = [1 + scale[:, None] for scale in mods[1::2]]
+        ctx.save_for_backward(x, mean, rstd, *factors)
+        return tuple(torch.addcmul(shift[:, None], normed, f) for shift, f in zip(mods[0::2], factors, strict=True))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, mean, rstd, factor = ctx.saved_tensors
-        normed = ((_wide(x) - mean) * rstd).to(grad.dtype)
-        grad_shift = grad.sum(1)
-        grad_scale = (grad * normed).sum(1)
+    def backward(ctx, *grads: torch.Tensor):
+        x, mean, rstd, *factors = ctx.saved_tensors
+        normed = ((_wide(x) - mean) * rstd).to(grads[0].dtype)
+        out: list[torch.Tensor | None] = [None, None]
+        total = None
+        for grad, factor in zip(grads, factors, strict=True):
+            out += [grad.sum(1), (grad * normed).sum(1)]
+            total = grad * factor if total is None else total.addcmul_(grad, factor)
         grad_x = torch.ops.aten.native_layer_norm_backward(
-            grad * factor, x, (x.shape[-1],), mean, rstd, None, None, [True, False, False]
+            total, x, (x.shape[-1],), mean, rstd, None, None, [True, False, False]
         )[0]
-        return grad_x, grad_shift, grad_scale, None
+        out[0] = grad_x
+        return tuple(out)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Non-affine layer norm of (B, L, D) ``x`` over D, then ``* (1 + scale) + shift`` with (B, D)
     shift and scale."""
-    return _ModulatedLayerNorm.apply(x, shift, scale, eps)
+    return _ModulatedLayerNorm.apply(x, eps, shift, scale)[0]
+
+
+def modulated_layer_norms(
+    x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer norm of ``x`` under two (shift, scale) modulations (MMDiT-X's two attentions)."""
+    return _ModulatedLayerNorm.apply(x, eps, *first, *second)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -16,7 +16,7 @@ from torch import nn
 
 from diffcore.nn import attention, checkpointed, timestep_embedding
 from diffcore_sd3.config import TransformerShape
-from diffcore_sd3.fused import modulated_layer_norm, rms_norm
+from diffcore_sd3.fused import modulated_layer_norm, modulated_layer_norms, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -104,18 +104,24 @@ class StreamBlock(nn.Module):
     # The layer norms have no parameters (modulation replaces their affine part), so each one and its
     # modulation are one function that recomputes the normed tensor in backward.
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
+        """(q, k, v), the modulation chunks, and for MMDiT-X attn2's input (the same norm of x under
+        its own shift and scale)."""
         mod = self.adaLN_modulation.chunks(vec)
-        return self.attn.qkv_heads(modulated_layer_norm(x, mod[0], mod[1])), mod
+        if self.attn2 is None:
+            return self.attn.qkv_heads(modulated_layer_norm(x, mod[0], mod[1])), mod, None
+        first, second = modulated_layer_norms(x, (mod[0], mod[1]), (mod[6], mod[7]))
+        return self.attn.qkv_heads(first), mod, second
 
-    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def post_attention(
+        self, x: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...], attn2_in: torch.Tensor | None
+    ) -> torch.Tensor:
         _, _, gate1, shift2, scale2, gate2 = mod[:6]
         assert self.attn.proj is not None
-        residual = x
         x = torch.addcmul(x, gate1[:, None], self.attn.proj(attn_out))
-        if self.attn2 is not None:
-            # MMDiT-X: image-only attention on the block input's norm, its own shift/scale/gate
-            shift3, scale3, gate3 = mod[6:]
-            q, k, v = self.attn2.qkv_heads(modulated_layer_norm(residual, shift3, scale3))
+        if self.attn2 is not None and attn2_in is not None:
+            # MMDiT-X: image-only attention on the block input's norm, with its own gate
+            gate3 = mod[8]
+            q, k, v = self.attn2.qkv_heads(attn2_in)
             assert self.attn2.proj is not None
             # v on its own: attention keeps its inputs, and a view would keep the whole fused output
             x = torch.addcmul(x, gate3[:, None], self.attn2.proj(attention(q, k, v.contiguous())))
@@ -131,16 +137,16 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, heads, mlp_hidden, qk_norm, pre_only=last, dual=False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (xq, xk, xv), x_mod = self.x_block.pre_attention(x, vec)
-        (cq, ck, cv), c_mod = self.context_block.pre_attention(c, vec)
+        (xq, xk, xv), x_mod, x2 = self.x_block.pre_attention(x, vec)
+        (cq, ck, cv), c_mod, _ = self.context_block.pre_attention(c, vec)
         k, v = torch.cat((xk, ck), dim=2), torch.cat((xv, cv), dim=2)
         if self.context_block.pre_only:
             # the last block's text outputs are discarded: only the image tokens ask
-            return self.x_block.post_attention(x, attention(xq, k, v), x_mod), c
+            return self.x_block.post_attention(x, attention(xq, k, v), x_mod, x2), c
         out = attention(torch.cat((xq, cq), dim=2), k, v)
         n = x.shape[1]
-        x = self.x_block.post_attention(x, out[:, :n], x_mod)
-        return x, self.context_block.post_attention(c, out[:, n:], c_mod)
+        x = self.x_block.post_attention(x, out[:, :n], x_mod, x2)
+        return x, self.context_block.post_attention(c, out[:, n:], c_mod, None)
 
 
 class PatchEmbed(nn.Module):

@@ -183,7 +183,7 @@ def test_load_exported_inverts_the_training_export(tmp_path):
 
 
 def test_fused_functions_have_the_composed_gradients():
-    from diffcore_sd3.fused import modulated_layer_norm, rms_norm
+    from diffcore_sd3.fused import modulated_layer_norm, modulated_layer_norms, rms_norm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -192,6 +192,12 @@ def test_fused_functions_have_the_composed_gradients():
     assert torch.autograd.gradcheck(lambda a, b, c: modulated_layer_norm(a, b, c, 1e-6), (x, shift, scale))
     expected = torch.nn.functional.layer_norm(x, (6,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     assert torch.allclose(modulated_layer_norm(x, shift, scale), expected)
+    # two modulations of one norm (MMDiT-X): both outputs and the summed gradient
+    shift2 = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    scale2 = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d, e: modulated_layer_norms(a, (b, c), (d, e), 1e-6), (x, shift, scale, shift2, scale2)
+    )
     # q/k norms work on strided views of a fused projection
     qkv = torch.randn(2, 3, 4, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
