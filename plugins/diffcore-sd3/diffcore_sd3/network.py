@@ -94,7 +94,6 @@ class StreamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool, *, pre_only: bool, dual: bool):
         super().__init__()
         self.pre_only = pre_only
-        self.dual = dual
         self.adaLN_modulation = Modulation(dim, 2 if pre_only else (9 if dual else 6))
         self.attn = SelfAttention(dim, heads, qk_norm, pre_only)
         self.attn2 = SelfAttention(dim, heads, qk_norm) if dual else None
