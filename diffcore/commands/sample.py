@@ -301,7 +301,7 @@ def _choose_weights(folder: Path, asked: str | None) -> str:
             if old
             else "no EMA weights here (the job had no train.ema_decay)",
             where="--weights",
-            hint="use --weights raw" + (", or resume the run for a step to export its EMA" if old else ""),
+            hint="use --weights raw" + (", or export it with `diffcore run JOB --resume` (a finished run just re-exports)" if old else ""),
         )
     return "raw"
 
