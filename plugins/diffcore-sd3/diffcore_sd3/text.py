@@ -37,8 +37,9 @@ class SD3TextEncoders:
             out["te3"] = self.t5.model
         return out
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # no blanket no_grad: each kernel encoder keeps a graph only when it has trainable parameters
+        # (a text-encoder adapter), so frozen encoders cost what they did and adapted ones train
         first, second = self.clip_l.encode(captions), self.clip_g.encode(captions)
         assert first.pooled is not None and second.pooled is not None  # both built with projection
         dtype = first.hidden.dtype
