@@ -30,8 +30,9 @@ def packages() -> list[str]:
 def install(session: nox.Session, extras: str = "", only: list[str] | None = None) -> None:
     session.install(TORCH)
     session.install("-e", f".{extras}")
-    for pkg in only if only is not None else packages():
-        session.install("-e", pkg)
+    # in one pip call, so a plugin that depends on another (diffcore-sd3 on diffcore-vae) finds it
+    # here instead of on PyPI, whatever their order
+    session.install(*[arg for pkg in (only if only is not None else packages()) for arg in ("-e", pkg)])
 
 
 def chromium(session: nox.Session) -> None:
