@@ -224,10 +224,11 @@ def test_sd15_with_a_lora_and_its_text_encoder(tmp_path: Path) -> None:
     pytest.importorskip("diffcore_lora")
     pytest.importorskip("diffcore_sdxl")
     pytest.importorskip("diffcore_vae")
-    from _dreambooth_sd import write_pipeline
     from diffcore_lora import plugin as lora_plugin
     from diffcore_sdxl import plugin as sdxl_plugin
     from diffcore_vae import plugin as vae_plugin
+
+    from diffcore.testing.tiny_sd import write_pipeline
 
     parts = write_pipeline(tmp_path / "sd15", "sd15", with_vae=True)
     job = {

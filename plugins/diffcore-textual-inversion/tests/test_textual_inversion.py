@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _ti_sd import write_pipeline
 from diffcore_textual_inversion import plugin
 from diffcore_textual_inversion.config import TextualInversionConfig
 from diffcore_textual_inversion.method import TextualInversionMethod
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import diffcore
 from diffcore.testing import assert_entry_points_light, run_cli, run_job
+from diffcore.testing.tiny_sd import write_pipeline
 from diffcore.weights import load_into
 
 diffusers = pytest.importorskip("diffusers")

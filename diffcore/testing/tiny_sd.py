@@ -1,5 +1,6 @@
 """Tiny SD1.5- and SDXL-shaped diffusers pipelines written to a folder (random weights, a CLIP BPE
-tokenizer made here), for loading into diffcore and into diffusers alike."""
+tokenizer made here), for loading into diffcore and into diffusers alike: the fixture method plugins
+(DreamBooth, textual inversion) test against. Needs diffusers and transformers (test-only)."""
 
 from __future__ import annotations
 
