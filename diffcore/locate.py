@@ -69,6 +69,14 @@ class Located:
         return Checkpoint(self.path)
 
 
+def part_path(given: str | None, located: Located | None, name: str) -> Path | None:
+    """A part's path: the one the job gives, else the pipeline's ``name/`` sub-folder of ``located``
+    (None when neither)."""
+    if given is not None:
+        return Path(given)
+    return located.part(name) if located is not None else None
+
+
 def read_json(file: str | Path) -> dict[str, Any]:
     """A JSON object from ``file``; a UserError naming the file when it cannot be read or parsed."""
     try:

@@ -10,7 +10,7 @@ import torch
 
 from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
-from diffcore.locate import Located, locate
+from diffcore.locate import Located, locate, part_path
 from diffcore.weights import empty_weights, load_into
 from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig, TransformerShape
@@ -37,18 +37,13 @@ def resolve(config: FluxConfig) -> Sources:
     if config.pretrained is not None:
         located = locate(config.pretrained, "transformer", what="a Flux checkpoint")
 
-    def part(value: str | None, name: str) -> Path | None:
-        if value is not None:
-            return Path(value)
-        return located.part(name) if located is not None else None
-
     return Sources(
         transformer=located,
-        text_encoder=part(config.text_encoder, "text_encoder"),
-        text_encoder_2=part(config.text_encoder_2, "text_encoder_2"),
-        tokenizer=part(config.tokenizer, "tokenizer"),
-        tokenizer_2=part(config.tokenizer_2, "tokenizer_2"),
-        vae=part(config.vae, "vae"),
+        text_encoder=part_path(config.text_encoder, located, "text_encoder"),
+        text_encoder_2=part_path(config.text_encoder_2, located, "text_encoder_2"),
+        tokenizer=part_path(config.tokenizer, located, "tokenizer"),
+        tokenizer_2=part_path(config.tokenizer_2, located, "tokenizer_2"),
+        vae=part_path(config.vae, located, "vae"),
     )
 
 

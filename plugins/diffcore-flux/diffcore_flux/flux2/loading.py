@@ -10,7 +10,7 @@ import torch
 
 from diffcore.dtypes import torch_dtype
 from diffcore.errors import UserError
-from diffcore.locate import Located, locate
+from diffcore.locate import Located, locate, part_path
 from diffcore.weights import Checkpoint, empty_weights, load_into
 from diffcore_flux.flux2 import convert
 from diffcore_flux.flux2.config import VARIANTS, Flux2Config, Flux2Shape
@@ -36,16 +36,11 @@ def resolve(config: Flux2Config) -> Sources:
     if config.pretrained is not None:
         located = locate(config.pretrained, "transformer", what="a Flux.2 checkpoint")
 
-    def part(value: str | None, name: str) -> Path | None:
-        if value is not None:
-            return Path(value)
-        return located.part(name) if located is not None else None
-
     return Sources(
         transformer=located,
-        text_encoder=part(config.text_encoder, "text_encoder"),
-        tokenizer=part(config.tokenizer, "tokenizer"),
-        vae=part(config.vae, "vae"),
+        text_encoder=part_path(config.text_encoder, located, "text_encoder"),
+        tokenizer=part_path(config.tokenizer, located, "tokenizer"),
+        vae=part_path(config.vae, located, "vae"),
     )
 
 
