@@ -118,7 +118,10 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     with phases.phase("reading the dataset"):
         dataset = build_component("dataset", job.data.type, job.data.config)
     # the batching is checked before any model loads: a dataset smaller than one batch fails at once
-    BucketBatchSampler(dataset, job.train.batch_size, world_size=dist.world_size, drop_last=job.train.drop_last)
+    sampler = BucketBatchSampler(
+        dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size,
+        drop_last=job.train.drop_last,
+    )
     cache = _open_cache(job, dataset)
     model_config = job.model.config
     if cache is not None and cache.complete and get_registry().get("model", job.model.type).spec.cache_aware:
@@ -197,10 +200,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
             min_decay=t.ema_min_decay, start_step=t.ema_start_step,
         )  # fmt: skip
 
-    sampler = BucketBatchSampler(
-        dataset, job.train.batch_size, seed=job.seed, rank=dist.rank, world_size=dist.world_size,
-        drop_last=job.train.drop_last,
-    )
+    # the same batches from the cached dataset: the cache keeps each example's index and bucket
     ctx.sampler = sampler
     if existing is not None:
         with phases.phase(f"resuming from {existing.name}"):
