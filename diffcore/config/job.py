@@ -122,6 +122,22 @@ class TrainConfig:
     stall_warning_s: float | None = 600.0
     #: seconds a collective waits for the other processes before the run stops naming the rank
     collective_timeout_s: float = attrs.field(default=1800.0, validator=_positive)
+    #: torch.compile the backbone: false (eager), "blocks" (each repeated block once, regional
+    #: compilation: compile time does not grow with depth) or "full" (the whole backbone)
+    compile: Literal[False, "blocks", "full"] = False
+    #: keep this many of the backbone's repeated blocks' frozen weights in (pinned) CPU memory and copy
+    #: each to the device just before it runs; 0: none
+    blocks_to_swap: int = attrs.field(default=0, validator=_at_least(0))
+    #: fast paths, each on where it is safe (docs/speed.md): TF32 matmuls and convolutions on CUDA
+    tf32: bool = True
+    #: channels_last memory format for convolutional backbones: "auto" (on CUDA only), true or false
+    channels_last: Literal["auto", True, False] = "auto"
+    #: the scaled-dot-product-attention backends allowed, in torch's names (flash, efficient, cudnn,
+    #: math); None: torch's own choice
+    sdpa_backends: list[str] | None = None
+    #: the device's peak dense TFLOP/s in the training dtype, for the MFU figure; None: from diffcore's
+    #: table of common GPUs (no MFU where the device is not in it)
+    peak_tflops: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
 
 
