@@ -192,6 +192,15 @@ class SDModel(DiffusionModel):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.backbone.gradient_checkpointing = enabled
 
+    def repeated_blocks(self) -> list[str]:
+        """Every ``transformer_blocks`` list (diffusers' ``BasicTransformerBlock``, the repeated
+        unit it compiles regionally too): they hold most of an SDXL UNet's weights and time."""
+        return [
+            name
+            for name, module in self.backbone.named_modules()
+            if name.endswith("transformer_blocks") and isinstance(module, torch.nn.ModuleList)
+        ]
+
     def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
         state = {k: v.detach() for k, v in self.backbone.state_dict().items()}
         if layout == "diffusers":

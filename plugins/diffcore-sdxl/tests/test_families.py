@@ -81,3 +81,17 @@ def test_sd21_v_prediction_and_single_file_text_layers(tmp_path: Path) -> None:
         # same weights, so only fp32 summation order may differ: an earlier test in the same process
         # can leave torch with another thread count, which moves a few elements by ~3 ulp
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_repeated_blocks_are_the_transformer_block_lists() -> None:
+    unet = {"block_out_channels": [12, 24, 24], "attention": [True, True, False], "transformer_layers": [1, 2, 1],
+            "heads": [2, 2, 2], "cross_attention_dim": 64, "norm_groups": 4}
+    model = diffcore.load_model("sd15", unet=unet, load_encoders=False)
+    paths = model.repeated_blocks()
+    assert paths and all(p.endswith("transformer_blocks") for p in paths)
+    lists = [model.backbone.get_submodule(p) for p in paths]
+    assert all(isinstance(m, torch.nn.ModuleList) for m in lists)
+    # every BasicTransformerBlock-like unit of the UNet is covered exactly once
+    counted = sum(len(m) for m in lists)
+    total = sum(1 for n, _ in model.backbone.named_modules() if n.rsplit(".", 1)[0].endswith("transformer_blocks") and n.rsplit(".", 1)[1].isdigit())
+    assert counted == total > 0
