@@ -83,6 +83,10 @@ class TrainContext:
     callbacks: list[Any] = attrs.Factory(list)
     #: diffcore's and every loaded plugin's version (recorded in checkpoints and exports)
     versions: dict[str, str] = attrs.Factory(dict)
+    #: moves the weights between the optimizer's training (True) and evaluation (False) points
+    #: (``OptimizerSpec.set_mode`` bound to the run's optimizer); None: the two are the same
+    optimizer_mode: Callable[[bool], None] | None = None
+    _optimizer_evaluating: bool = attrs.field(default=False, init=False)
 
     @property
     def is_main(self) -> bool:
@@ -110,7 +114,7 @@ class TrainContext:
         params = list(self.model.backbone.parameters())
         for module in self.method_modules.values():
             params += list(module.parameters())
-        with self.gathered(params):
+        with self.gathered(params), self.optimizer_evaluating():
             weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
             modes = [(m, m.training) for m in self.method_modules.values()]
             for m, _ in modes:
@@ -121,6 +125,22 @@ class TrainContext:
             finally:
                 for m, mode in modes:
                     m.train(mode)
+
+    @contextlib.contextmanager
+    def optimizer_evaluating(self) -> Iterator[None]:
+        """The weights at the optimizer's evaluation point (schedule-free optimizers train at another),
+        back at its training point afterwards; a no-op for other optimizers and when already inside.
+        Sampling, checkpoints and exports run inside it."""
+        if self.optimizer_mode is None or self._optimizer_evaluating:
+            yield
+            return
+        self.optimizer_mode(False)
+        self._optimizer_evaluating = True
+        try:
+            yield
+        finally:
+            self._optimizer_evaluating = False
+            self.optimizer_mode(True)
 
     @property
     def lr(self) -> float:

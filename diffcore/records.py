@@ -91,7 +91,16 @@ class MethodSpec(ComponentSpec):
 
 @attrs.frozen(kw_only=True)
 class OptimizerSpec(ComponentSpec):
-    """An optimizer. ``factory(params, config, lr) -> torch.optim.Optimizer``."""
+    """An optimizer. ``factory(params, config, lr) -> torch.optim.Optimizer``.
+
+    ``set_mode(optimizer, training)``: for an optimizer whose weights differ between training and
+    evaluation (schedule-free methods train at one point and evaluate at another): the loop calls it
+    with ``True`` before it trains and ``False`` while it evaluates, samples, checkpoints or exports
+    (see :meth:`diffcore.TrainContext.optimizer_evaluating`). It moves the weights in place, so
+    DeepSpeed must run the optimizer unwrapped (ZeRO stage 0 without mixed precision; the loop says
+    so otherwise). None (the default): the weights are the same in both."""
+
+    set_mode: Callable[[Any, bool], None] | None = None
 
 
 @attrs.frozen(kw_only=True)

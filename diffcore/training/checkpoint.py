@@ -179,7 +179,10 @@ def save_checkpoint(ctx: Any) -> Path:
     final = root / f"step-{ctx.step}"
     tmp = root / f".tmp-step-{ctx.step}"
     try:
-        _write_checkpoint(ctx, root, tmp, final)
+        # at the optimizer's evaluation point: the exported weights are the ones to use, and a resumed
+        # run moves from there to the training point exactly as the uninterrupted run does
+        with ctx.optimizer_evaluating():
+            _write_checkpoint(ctx, root, tmp, final)
     except Exception as exc:
         if not _disk_full(exc):
             raise

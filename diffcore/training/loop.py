@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
-from diffcore.api import build_component, build_loss_weighting, component_config
+from diffcore.api import build_component, build_loss_weighting, build_model, component_config
 from diffcore.config.job import Job, Section, dump_job
 from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.sampler import BucketBatchSampler, hash_seed
 from diffcore.errors import ConfigError, TrainingError, UserError
+from diffcore.quantize.build import check_frozen
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
+from diffcore.training import fast_paths, throughput
 from diffcore.training.deepspeed_config import deepspeed_config
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
@@ -128,7 +132,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         # everything the encoders would compute is on disk: do not load them at all
         model_config = attrs.evolve(model_config, load_encoders=False)
     with phases.phase(f"loading the model ({job.model.type})"):
-        model = build_component("model", job.model.type, model_config)
+        model = build_model(job.model.type, model_config, quantize=job.model.quantize, device=dist.device)
     sched_section = scheduler_section(job, model)
     scheduler = build_component("scheduler", sched_section.type, sched_section.config)
     method = build_component("method", job.method.type, job.method.config)
@@ -161,16 +165,20 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     ctx.method_modules = dict(method.modules(model))
     for module in ctx.method_modules.values():
         module.to(dist.device).train()
+    fast_paths.prepare(job.train, [model.backbone, *ctx.method_modules.values()], dist.device)
     module_params = [p for m in ctx.method_modules.values() for p in m.parameters()]
     trainable = _unique([p for p in [*method.setup(ctx), *module_params] if p.requires_grad])
     if not trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
+    if job.model.quantize != "none":
+        check_frozen(trainable)
     ctx.trainable = trainable
     container = TrainedModules(model, ctx.method_modules)
     names = parameter_names(container, trainable)
 
     opt_section = job.optimizer or Section(type="adamw", config=component_config("optimizer", "adamw", {}))
-    optimizer = get_registry().get("optimizer", opt_section.type).spec.factory(trainable, opt_section.config, job.train.lr)
+    opt_spec = get_registry().get("optimizer", opt_section.type).spec
+    optimizer = opt_spec.factory(trainable, opt_section.config, job.train.lr)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(job.train.lr_schedule, job.train.steps, job.train.warmup_steps, job.train.min_lr_ratio)
     )
@@ -191,6 +199,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
             config=deepspeed_config(job, dist.world_size, load_universal=universal),
         )
     ctx.engine = engine
+    ctx.optimizer_mode = _optimizer_mode(opt_spec, optimizer, engine, opt_section.type)
     if job.train.ema_decay is not None:
         if job.train.deepspeed.zero_stage == 3:
             raise UserError("train.ema_decay is not supported with zero_stage 3", where="$.train.ema_decay")
@@ -206,6 +215,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         with phases.phase(f"resuming from {existing.name}"):
             ckpt.load_checkpoint(ctx, existing, universal=universal)
         ctx.last_checkpoint = existing
+    if ctx.optimizer_mode is not None:  # a checkpoint holds the evaluation point; a new run starts there too
+        ctx.optimizer_mode(True)
     # everything is built, validated and loaded: only now write into the output directory
     if dist.rank == 0:
         ckpt.clean_stale(out)
@@ -244,11 +255,27 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     if dist.rank == 0:
         final.mkdir(parents=True, exist_ok=True)
     barrier()
-    path = ckpt.export_weights(ctx, final)
-    if ctx.ema is not None:
-        ckpt.export_ema(ctx, final)
+    with ctx.optimizer_evaluating():
+        path = ckpt.export_weights(ctx, final)
+        if ctx.ema is not None:
+            ckpt.export_ema(ctx, final)
     barrier()
     return TrainResult(output_dir=out, steps=ctx.step, final=path, last_loss=last_loss)
+
+
+def _optimizer_mode(spec: Any, optimizer: Any, engine: Any, name: str) -> Callable[[bool], None] | None:
+    """The optimizer's ``set_mode`` bound to it (None when it has one set of weights). It moves the
+    weights in place, so DeepSpeed must step this very optimizer on the module's own parameters."""
+    if spec.set_mode is None:
+        return None
+    if engine.optimizer is not optimizer:
+        raise UserError(
+            f"the {name} optimizer moves the weights between its training and evaluation points, which "
+            "DeepSpeed's master copy of them (ZeRO stages 1-3, bf16/fp16 mixed precision) would not follow",
+            where="$.train.optimizer.type",
+            hint="use train.deepspeed.zero_stage: 0 and train.mixed_precision: no, or another optimizer",
+        )
+    return functools.partial(spec.set_mode, optimizer)
 
 
 def _check_precision(job: Job, device: torch.device) -> None:
@@ -297,6 +324,11 @@ def _fill_cache(cache: Any, job: Job, dataset: Any, model: Any, rank: int) -> An
 
 
 def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: Phases) -> float | None:
+    with fast_paths.attention_backends(ctx.job.train.sdpa_backends):
+        return _train_steps(ctx, callbacks, stop, phases)
+
+
+def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: Phases) -> float | None:
     job = ctx.job
     gas = job.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
@@ -314,12 +346,14 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: P
     engine.train()
     window = LossWindow(ctx.device)
     window_start, window_samples = time.time(), 0
+    meter = throughput.for_run(ctx)
     last_loss = None
     every = job.train.checkpoint_every
     while ctx.step < job.train.steps:
         phases.enter(f"training step {ctx.step + 1}")
         for micro in range(gas):
             batch = next(batches)
+            meter.count(batch)
             ctx.step_random = StepRandom(job.seed, ctx.step * gas + micro, ctx.rank, ctx.world_size)
             loss, logs = ctx.method.loss(ctx, batch)
             window.add_micro(loss, logs, ctx.step + 1, 1.0 / gas)
@@ -345,6 +379,7 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: P
                 **window.close(),
                 "lr": ctx.lr,
                 "samples_per_sec": window_samples / max(now - window_start, 1e-9),
+                **meter.figures(now - window_start),
                 "elapsed_s": now - ctx.start_time,
                 "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
             }
