@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffcore.errors import UserError
+from diffcore.testing.tokenizers import clip_tokenizer, llm_tokenizer, t5_tokenizer
 from diffcore.text_encoders import (
     ClipConfig,
     MistralConfig,
@@ -24,63 +25,6 @@ from diffcore.text_encoders import (
 )
 
 CAPTIONS = ["a cat", "the dog sat on a mat by the cat"]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORDS = "a the cat dog sat on mat by".split()
-
-
-# -- tiny tokenizers, made here -------------------------------------------------------------------
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in LETTERS:
-            vocab[c + suffix] = len(vocab)
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def t5_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    return T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
-
-
-# Renders plain or part-list content; shows the generation prompt and the thinking switch as tokens
-# so that passing them wrongly changes the ids.
-_TEMPLATE = (
-    "{% for m in messages %}[{{ m.role }}] "
-    "{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}"
-    " [end] {% endfor %}"
-    "{% if add_generation_prompt %}[assistant] {% endif %}"
-    "{% if enable_thinking is defined and not enable_thinking %}[nothink]{% endif %}"
-)
-
-
-def llm_tokenizer(bos: bool):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[pad]", "[unk]", "[bos]", "[system]", "[user]", "[end]", "[assistant]", "[nothink]"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[unk]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[pad]", unk_token="[unk]", bos_token="[bos]", model_max_length=64
-    )
-    tok.chat_template = ("[bos] " if bos else "") + _TEMPLATE
-    return tok
-
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +169,7 @@ def test_t5_folder_single_file_and_sd3_prefix_agree(tmp_path):
         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
     )  # fmt: skip
     ref = _randomize(T5EncoderModel(config), 5)
-    tok = t5_tokenizer()
+    tok = t5_tokenizer(words=())
     root = _pipeline(tmp_path / "pipe", ref, tok, "text_encoder_2", "tokenizer_2")
     state = {k: v for k, v in ref.state_dict().items() if k != "shared.weight"}  # only the encoder's copy
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "t5xxl.safetensors")

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from diffcore.testing.tokenizers import t5_tokenizer
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 #: SD1.5-shaped (conv projections, attention on the first level) and SDXL-shaped (linear
@@ -121,18 +123,6 @@ def flux_folder(root: Path, seed: int = 0):
     return transformer
 
 
-def _t5_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
-
-
 def flux_pipeline(root: Path, seed: int = 0) -> None:
     """A diffusers Flux.1 dev pipeline folder without a VAE: transformer, CLIP and T5 with tokenizers."""
     from transformers import T5Config, T5EncoderModel
@@ -145,4 +135,4 @@ def flux_pipeline(root: Path, seed: int = 0) -> None:
         T5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, decoder_start_token_id=0)
     )
     t5.save_pretrained(root / "text_encoder_2")
-    _t5_tokenizer().save_pretrained(root / "tokenizer_2")
+    t5_tokenizer(words=()).save_pretrained(root / "tokenizer_2")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from diffcore.testing.tokenizers import llm_tokenizer
+
 LATENT_CHANNELS = 16  # a tiny Flux.2 autoencoder: 4 channels patchified 2x2
 TEXT_HIDDEN = 32
 LAYERS = (1, 2, 3)  # stacked hidden states of a 4-layer LLM
@@ -43,31 +45,6 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
-
-
-_TEMPLATE = (
-    "{% for m in messages %}[{{ m.role }}] "
-    "{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}"
-    " [end] {% endfor %}"
-    "{% if add_generation_prompt %}[assistant] {% endif %}"
-    "{% if enable_thinking is defined and not enable_thinking %}[nothink]{% endif %}"
-)
-
-
-def llm_tokenizer(bos: bool):
-    """A word-level tokenizer with a chat template that shows every template switch as a token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[pad]", "[unk]", "[bos]", "[system]", "[user]", "[end]", "[assistant]", "[nothink]"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[unk]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[pad]", unk_token="[unk]", bos_token="[bos]", model_max_length=64
-    )
-    tok.chat_template = ("[bos] " if bos else "") + _TEMPLATE
-    return tok
 
 
 def text_encoder(dev: bool, seed: int = 5, hidden: int = TEXT_HIDDEN):
@@ -120,7 +97,7 @@ def write_pipeline(root: Path, dev: bool, seed: int = 0, vae: bool = False, **tr
     parts = dict(
         transformer=reference_transformer(dev, seed, **transformer),
         text_encoder=text_encoder(dev, seed + 5),
-        tokenizer=llm_tokenizer(bos=dev),
+        tokenizer=llm_tokenizer(bos=dev, words=WORDS),
     )
     if vae:
         parts["vae"] = reference_vae(seed + 3)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from diffcore.testing.tokenizers import clip_tokenizer, t5_tokenizer
+
 LATENT_CHANNELS = 4
 TEXT_DIM = 32  # T5 d_model and CLIP hidden size
 AXES = [4, 6, 6]
@@ -19,7 +21,6 @@ SIZES = dict(
     vec_in_dim=TEXT_DIM,
     context_in_dim=TEXT_DIM,
 )
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def reference_transformer(guidance: bool, seed: int = 0):
@@ -41,34 +42,6 @@ def reference_transformer(guidance: bool, seed: int = 0):
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     return model
-
-
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in LETTERS:
-            vocab[c + suffix] = len(vocab)
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def t5_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
-    pieces += [("\u2581cat", -1.0), ("\u2581dog", -1.0)]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    return T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
 
 
 def text_encoders(seed: int = 0):

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
+from diffcore.testing.tokenizers import clip_tokenizer, t5_tokenizer
+
 LATENT_CHANNELS = 16
 # 64-wide heads, as every released CLIP text tower: a single file stores no config, so the loader
 # reads the head count from the width
 CLIP_L_DIM, CLIP_G_DIM = 64, 64
 POOLED_DIM = CLIP_L_DIM + CLIP_G_DIM
 T5_DIM = 136  # the context width: wider than both CLIPs side by side, as 4096 is
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 #: the three shapes the issue names, shrunk: (sd35 variant or None for sd3, diffusers config)
 SHAPES = {
@@ -64,34 +65,6 @@ def reference_transformer(name: str, seed: int = 0):
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     return model
-
-
-def clip_tokenizer(pad: str = "<|endoftext|>"):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for suffix in ("", "</w>"):
-        for c in LETTERS:
-            vocab[c + suffix] = len(vocab)
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad)
-
-
-def t5_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
-    pieces += [("\u2581cat", -1.0), ("\u2581dog", -1.0)]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    return T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
 
 
 def _clip(hidden: int, act: str, seed: int):
@@ -161,7 +134,7 @@ def write_pipeline(
     """A diffusers-layout SD3 folder (VAE only when asked) and the reference components it was written from."""
     transformer = reference_transformer(name, seed)
     clip_l, clip_g, t5_model = text_encoders(seed + 1)
-    tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer("!"), t5_tokenizer()
+    tok, tok2, tok3 = clip_tokenizer(punctuation="!"), clip_tokenizer("!", punctuation="!"), t5_tokenizer()
     transformer.save_pretrained(root / "transformer")
     clip_l.save_pretrained(root / "text_encoder")
     clip_g.save_pretrained(root / "text_encoder_2")
