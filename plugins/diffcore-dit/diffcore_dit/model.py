@@ -22,6 +22,7 @@ from diffcore_dit.convert import (
     to_diffusers,
     to_original,
 )
+from diffcore_dit.flops import forward_flops
 from diffcore_dit.network import DiT
 
 #: safetensors metadata key holding the architecture of an original-layout file diffcore wrote
@@ -151,3 +152,12 @@ class DiTModel(DiffusionModel):
 
     def repeated_blocks(self) -> list[str]:
         return ["blocks"]
+
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        """Tokens after patchifying: one per ``patch_size`` x ``patch_size`` latent square."""
+        p = self.arch.patch_size
+        return (int(latents.shape[-2]) // p) * (int(latents.shape[-1]) // p)
+
+    def flops_per_sample(self, latents: torch.Tensor) -> float | None:
+        """Matmul FLOPs of one forward (attention included), counted from the backbone's layers."""
+        return float(forward_flops(self.backbone, int(latents.shape[-2]), int(latents.shape[-1])))

@@ -173,3 +173,31 @@ def test_without_encoders_a_latent_dit_skips_its_autoencoder():
     options = {**TINY, "in_channels": 4}
     model = diffcore.load_model("dit", autoencoder="sd", load_encoders=False, **options)
     assert model.autoencoder is None and model.latent_channels == 4
+
+
+def test_flops_per_sample_matches_a_hand_count_and_torch_flop_counter():
+    """TINY at 16x16: patch 4 gives 16 tokens of width 32 (2 heads), MLP 128, 2 blocks."""
+    model = diffcore.load_model("dit", **TINY)
+    tokens, d, mlp = 16, 32, 128
+    patch_embed = 2 * (3 * 4 * 4) * d * tokens  # a 4x4 stride-4 conv from 3 channels: 49152
+    t_mlp = 2 * 256 * d + 2 * d * d  # the sinusoid's MLP, once per sample: 18432
+    per_token = 2 * d * 3 * d + 2 * d * d + 2 * d * mlp + 2 * mlp * d  # qkv, proj, fc1, fc2: 24576
+    attention = 2 * tokens * tokens * d + 2 * tokens * tokens * d  # q k^T and weights @ v: 32768
+    ada_ln = 2 * d * 6 * d  # six modulations per sample: 12288
+    block = per_token * tokens + attention + ada_ln  # 438272
+    final = 2 * d * (4 * 4 * 3) * tokens + 2 * d * 2 * d  # to 4x4 patches of 3 channels, its adaLN: 53248
+    hand = patch_embed + t_mlp + 2 * block + final
+    assert hand == 997_376
+    latents = torch.zeros(1, 3, 16, 16)
+    assert model.flops_per_sample(latents) == hand
+    assert model.sequence_length(latents) == tokens
+
+    # torch's own count of the same forward (the math attention backend runs as counted matmuls)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model.predict(torch.randn(1, 3, 16, 16), torch.tensor([10.0]), torch.tensor([1]))
+    assert counter.get_total_flops() == hand
+    # a non-square latent: the count follows the token grid (2 x 4 patches), not the native 4 x 4
+    assert model.flops_per_sample(torch.zeros(1, 3, 8, 16)) < hand
