@@ -12,8 +12,10 @@ class AdamWConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
-    #: torch's fused/foreach kernels; None lets torch choose
+    #: torch's fused kernel (one launch for the whole update); None: fused on CUDA, else foreach
     fused: bool | None = None
+    #: torch's foreach kernels (one op per group of tensors); None: see fused
+    foreach: bool | None = None
 
 
 @attrs.define(kw_only=True)
@@ -26,9 +28,13 @@ class SGDConfig:
 def _adamw(params, config: AdamWConfig, lr: float):
     import torch
 
+    from diffcore.training.fast_paths import adamw_kernels
+
+    params = list(params)
     return torch.optim.AdamW(
-        params, lr=lr, betas=(config.betas[0], config.betas[1]), eps=config.eps, weight_decay=config.weight_decay, fused=config.fused
-    )
+        params, lr=lr, betas=(config.betas[0], config.betas[1]), eps=config.eps, weight_decay=config.weight_decay,
+        **adamw_kernels(params, config.fused, config.foreach),
+    )  # fmt: skip
 
 
 def _sgd(params, config: SGDConfig, lr: float):

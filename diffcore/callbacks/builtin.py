@@ -91,7 +91,7 @@ class ProgressCallback(Callback):
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=ctx.total_steps, initial=ctx.step, desc=ctx.job.name, unit="step", dynamic_ncols=True, mininterval=0.5
+                total=ctx.total_steps, initial=ctx.step, desc=ctx.job.name, unit="it", dynamic_ncols=True, mininterval=0.5
             )
 
     def on_step_end(self, ctx: Any, logs: dict[str, Any] | None) -> None:
@@ -99,7 +99,7 @@ class ProgressCallback(Callback):
             return
         self.bar.update(ctx.step - self.bar.n)
         if logs is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+            self.bar.set_postfix(progress_figures(logs), refresh=False)
 
     def on_train_end(self, ctx: Any) -> None:
         self._close()
@@ -111,6 +111,16 @@ class ProgressCallback(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def progress_figures(logs: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows beside its it/s: loss, lr, MFU (when known) and peak memory."""
+    shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs['lr']:.2e}"}
+    if "mfu" in logs:
+        shown["mfu"] = f"{100 * logs['mfu']:.1f}%"
+    if "peak_mem_mib" in logs:
+        shown["mem"] = f"{logs['peak_mem_mib'] / 1024:.1f}GiB"
+    return shown
 
 
 class TensorBoardCallback(Callback):

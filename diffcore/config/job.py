@@ -22,6 +22,7 @@ from diffcore.config.structure import ExpectedError, structure, unstructure
 from diffcore.config.yaml_bounded import YAMLTooLarge, load_yaml
 from diffcore.errors import ConfigError, Problem, UserError
 from diffcore.kinds import KINDS
+from diffcore.training.fast_paths import check_sdpa_backends
 
 TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
 
@@ -134,7 +135,7 @@ class TrainConfig:
     channels_last: Literal["auto", True, False] = "auto"
     #: the scaled-dot-product-attention backends allowed, in torch's names (flash, efficient, cudnn,
     #: math); None: torch's own choice
-    sdpa_backends: list[str] | None = None
+    sdpa_backends: list[str] | None = attrs.field(default=None, validator=check_sdpa_backends)
     #: the device's peak dense TFLOP/s in the training dtype, for the MFU figure; None: from diffcore's
     #: table of common GPUs (no MFU where the device is not in it)
     peak_tflops: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))

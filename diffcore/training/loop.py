@@ -20,6 +20,7 @@ from diffcore.data.sampler import BucketBatchSampler, hash_seed
 from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
+from diffcore.training import fast_paths, throughput
 from diffcore.training.deepspeed_config import deepspeed_config
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
@@ -163,6 +164,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     ctx.method_modules = dict(method.modules(model))
     for module in ctx.method_modules.values():
         module.to(dist.device).train()
+    fast_paths.prepare(job.train, [model.backbone, *ctx.method_modules.values()], dist.device)
     module_params = [p for m in ctx.method_modules.values() for p in m.parameters()]
     trainable = _unique([p for p in [*method.setup(ctx), *module_params] if p.requires_grad])
     if not trainable:
@@ -319,6 +321,11 @@ def _fill_cache(cache: Any, job: Job, dataset: Any, model: Any, rank: int) -> An
 
 
 def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: Phases) -> float | None:
+    with fast_paths.attention_backends(ctx.job.train.sdpa_backends):
+        return _train_steps(ctx, callbacks, stop, phases)
+
+
+def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: Phases) -> float | None:
     job = ctx.job
     gas = job.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
@@ -336,12 +343,14 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: P
     engine.train()
     window = LossWindow(ctx.device)
     window_start, window_samples = time.time(), 0
+    meter = throughput.for_run(ctx)
     last_loss = None
     every = job.train.checkpoint_every
     while ctx.step < job.train.steps:
         phases.enter(f"training step {ctx.step + 1}")
         for micro in range(gas):
             batch = next(batches)
+            meter.count(batch)
             ctx.step_random = StepRandom(job.seed, ctx.step * gas + micro, ctx.rank, ctx.world_size)
             loss, logs = ctx.method.loss(ctx, batch)
             window.add_micro(loss, logs, ctx.step + 1, 1.0 / gas)
@@ -367,6 +376,7 @@ def _train(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, phases: P
                 **window.close(),
                 "lr": ctx.lr,
                 "samples_per_sec": window_samples / max(now - window_start, 1e-9),
+                **meter.figures(now - window_start),
                 "elapsed_s": now - ctx.start_time,
                 "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
             }
