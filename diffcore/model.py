@@ -66,6 +66,10 @@ class DiffusionModel:
     base_model: str = ""
     #: the scheduler section a job gets when it names none (``{"type": ..., **options}``)
     default_scheduler: dict[str, Any] = {"type": "ddpm"}
+    #: a latent-space model whose autoencoder may be left unloaded (a data cache, a transformer-only
+    #: path) sets where to point at one: encoding or decoding without it is then that error, instead
+    #: of pixels passing through as if they were latents. None: no autoencoder means pixel space.
+    autoencoder_hint: str | None = None
 
     def __init__(
         self,
@@ -123,15 +127,22 @@ class DiffusionModel:
         The default counts latent positions; patchifying models divide by the patch area."""
         return int(latents.shape[-2]) * int(latents.shape[-1])
 
+    def _require_autoencoder(self) -> None:
+        if self.autoencoder is None and self.autoencoder_hint is not None:
+            name = self.architecture or type(self).__name__
+            raise UserError(f"this {name} model has no autoencoder loaded", where="$.model.vae", hint=self.autoencoder_hint)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], BCHW -> latents as the backbone sees them (scale and shift applied)."""
+        self._require_autoencoder()
         if self.autoencoder is None:
             return pixels
         return self.autoencoder.encode(pixels)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        self._require_autoencoder()
         if self.autoencoder is None:
             return latents
         return self.autoencoder.decode(latents)

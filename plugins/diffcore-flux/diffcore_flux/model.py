@@ -37,6 +37,7 @@ class FluxModel(DiffusionModel):
 
     prediction_type = "flow"
     adapter_targets = ADAPTER_TARGETS
+    autoencoder_hint = "set vae to BFL's ae.safetensors or a diffusers vae/ folder (or pretrained to a pipeline folder)"
 
     def __init__(
         self,
@@ -61,23 +62,6 @@ class FluxModel(DiffusionModel):
             self.default_scheduler = {"type": "flow", "shift": 1.0, "sigma_spacing": "flux"}
 
     # -- latents ---------------------------------------------------------------------------------
-    def _require_autoencoder(self) -> None:
-        # Without it encode_images would pass pixels through as if they were latents.
-        if self.autoencoder is None:
-            raise UserError(
-                "this Flux model has no autoencoder loaded",
-                where="$.model.vae",
-                hint="set vae to BFL's ae.safetensors or a diffusers vae/ folder (or pretrained to a pipeline folder)",
-            )
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().encode_images(pixels)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().decode_latents(latents)
-
     # -- conditioning ----------------------------------------------------------------------------
     def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.text is None:

@@ -41,6 +41,9 @@ class SD3Model(DiffusionModel):
 
     prediction_type = "flow"
     adapter_targets = ADAPTER_TARGETS
+    autoencoder_hint = (
+        "set vae to a diffusers vae/ folder or a single file holding first_stage_model.* (or pretrained to a pipeline folder)"
+    )
     # SD3's reference scheduler: shift 3.0 on sd3-spaced sigmas; training draws logit-normal sigmas
     default_scheduler = {"type": "flow", "shift": 3.0}
     layer_skipping = True
@@ -65,24 +68,6 @@ class SD3Model(DiffusionModel):
         self.text = text
 
     # -- latents ---------------------------------------------------------------------------------
-    def _require_autoencoder(self) -> None:
-        # Without it encode_images would pass pixels through as if they were latents.
-        if self.autoencoder is None:
-            raise UserError(
-                "this SD3 model has no autoencoder loaded",
-                where="$.model.vae",
-                hint="set vae to a diffusers vae/ folder or a single file holding first_stage_model.* "
-                "(or pretrained to a pipeline folder)",
-            )
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().encode_images(pixels)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().decode_latents(latents)
-
     def sequence_length(self, latents: torch.Tensor) -> int:
         p = self.backbone.shape.patch_size
         return (int(latents.shape[-2]) // p) * (int(latents.shape[-1]) // p)

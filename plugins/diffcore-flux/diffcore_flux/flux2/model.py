@@ -40,6 +40,7 @@ class Flux2Model(DiffusionModel):
 
     prediction_type = "flow"
     adapter_targets = ADAPTER_TARGETS
+    autoencoder_hint = "set vae to the Flux.2 ae.safetensors or a diffusers vae/ folder (or pretrained to a pipeline folder)"
     default_scheduler = {"type": "flow", "dynamic_shift": "flux2"}
 
     def __init__(
@@ -98,20 +99,7 @@ class Flux2Model(DiffusionModel):
                 where="$.data.cache_dir",
                 hint="train edit jobs without a cache_dir",
             )
-        if self.autoencoder is None:
-            raise UserError(
-                "this Flux.2 model has no autoencoder loaded",
-                where="$.model.vae",
-                hint="set vae to the Flux.2 ae.safetensors or a diffusers vae/ folder (or pretrained to a pipeline folder)",
-            )
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().encode_images(pixels)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        self._require_autoencoder()
-        return super().decode_latents(latents)
+        super()._require_autoencoder()
 
     # -- conditioning ----------------------------------------------------------------------------
     def encode_conditions(self, batch: Mapping[str, Any]) -> dict[str, Any]:
