@@ -26,6 +26,7 @@ from diffcore_sdxl.convert import (
     hf_to_openclip,
     unet_name_to_original,
 )
+from diffcore_sdxl.flops import forward_flops
 from diffcore_sdxl.network import UNet
 from diffcore_sdxl.text import encode_windows, tokenize_windows, window_count
 
@@ -200,6 +201,11 @@ class SDModel(DiffusionModel):
             for name, module in self.backbone.named_modules()
             if name.endswith("transformer_blocks") and isinstance(module, torch.nn.ModuleList)
         ]
+
+    def flops_per_sample(self, latents: torch.Tensor) -> float | None:
+        """Convolution and matmul FLOPs of one UNet forward (attention included, one 77-token caption
+        window), counted from the UNet's layers at the resolutions they run at."""
+        return float(forward_flops(self.backbone, int(latents.shape[-2]), int(latents.shape[-1])))
 
     def export_state_dict(self, layout: str = "diffusers") -> dict[str, torch.Tensor]:
         state = {k: v.detach() for k, v in self.backbone.state_dict().items()}
