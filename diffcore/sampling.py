@@ -17,9 +17,15 @@ import torch
 from diffcore.diffusion import objectives
 from diffcore.diffusion.guidance import classifier_free_guidance
 from diffcore.diffusion.samplers import BuiltinSampler, Generators, Sampler, StepCallback, noise_like
+from diffcore.diffusion.samplers import lcm_scalings as lcm_scalings
 from diffcore.errors import UserError
 from diffcore.method import Method
 from diffcore.model import DiffusionModel
+
+#: what a method plugin needs to speak the samplers' language (consistency distillation, reflow):
+#: (x0, eps) from a model output of any prediction type on x_t = alpha x0 + sigma eps, and LCM's
+#: boundary-condition scalings (c_skip, c_out) at a DDPM timestep, as the ``lcm`` sampler applies them
+to_x0_eps = objectives.to_x0_eps
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:

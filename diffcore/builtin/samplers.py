@@ -65,7 +65,7 @@ class SkipLayerOptions(X0Options):
 
 @attrs.define(kw_only=True)
 class PlainSamplerConfig(SkipLayerOptions):
-    """A sampler with no options of its own (ddpm, euler, euler_a, heun)."""
+    """A sampler with no options of its own (ddpm, euler, euler_a, heun, lcm)."""
 
 
 @attrs.define(kw_only=True)
@@ -108,6 +108,7 @@ _BUILTIN: tuple[tuple[str, str, type, str], ...] = (
     ("dpmpp_2m", "dpmpp_2m", DPMPP2MConfig, "DPM-Solver++(2M)"),
     ("dpm++_2m", "dpmpp_2m", DPMPP2MConfig, "alias of dpmpp_2m"),
     ("dpmpp_2m_karras", "dpmpp_2m", DPMPP2MKarrasConfig, "DPM-Solver++(2M) with Karras noise levels"),
+    ("lcm", "lcm", PlainSamplerConfig, "LCM multistep consistency sampling (distilled few-step models, 1-8 steps)"),
 )
 
 

@@ -5,7 +5,7 @@ i (the caller turns the model's output, of any prediction type, into both). The 
 noisy latent as the model sees it (x = alpha x0 + sigma eps), float32. Steps follow the reference
 formulations: DDPM/DDIM in (alpha, sigma), Euler and Heun in the schedule's native coordinates (VE
 for DDPM-family, s for flow: both have derivative (y - x0) / level), Euler-ancestral as
-k-diffusion, DPM-Solver++(2M) in half-log-SNR.
+k-diffusion, DPM-Solver++(2M) in half-log-SNR, LCM as multistep consistency sampling (Luo et al. 2023).
 
 Samplers are plugins (``diffcore_register_samplers``): a record's factory builds an object
 following :class:`Sampler`. The built-in ones are :class:`BuiltinSampler` over :func:`sample`.
@@ -222,6 +222,11 @@ def sample(
             x = schedule.from_native(y + (lv[i + 1] - lv[i]) * d, i + 1)
         elif name == "euler_a":
             x = _euler_ancestral(x, x0, eps, schedule, i, generator)
+        elif name == "lcm":
+            x0 = lcm_boundary(x0, x, schedule, i)
+            # multistep consistency sampling: jump to x0, then re-noise to the next level with fresh
+            # noise; the last step returns x0 and draws nothing (one-step sampling draws no noise)
+            x = a_s * x0 + s_s * _noise(x, generator) if i < n - 1 else x0
         elif name == "heun":
             y = schedule.to_native(x, i)
             d = (y - x0) / lv[i]
@@ -238,6 +243,30 @@ def sample(
         if callback is not None:
             callback(StepInfo(i, n, float(schedule.timesteps[i]), x, x0))
     return x
+
+
+#: the consistency-model boundary condition of LCM (Luo et al. 2023): c_skip(t) x + c_out(t) x0 with
+#: sigma_data 0.5 and the discrete timestep scaled by 10, the values diffusers' LCMScheduler uses
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+
+
+def lcm_scalings(t: Any) -> tuple[Any, Any]:
+    """(c_skip, c_out) at discrete DDPM timestep(s) ``t``: c_skip is 1 and c_out 0 at t = 0, so the
+    consistency function is the identity on clean data."""
+    scaled = t * LCM_TIMESTEP_SCALING
+    c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_boundary(x0: torch.Tensor, x: torch.Tensor, schedule: SamplingSchedule, i: int) -> torch.Tensor:
+    """The consistency function's output at level i: LCM's boundary-condition blend on DDPM-family
+    schedules; on rectified flow x0 = x - s v already equals x at s = 0, so x0 as it is."""
+    if schedule.kind != "ddpm":
+        return x0
+    c_skip, c_out = lcm_scalings(float(schedule.timesteps[i]))
+    return c_out * x0 + c_skip * x
 
 
 def _euler_ancestral(

@@ -16,7 +16,7 @@ from diffcore.diffusion.config import DDPMConfig, FlowConfig
 from diffcore.diffusion.timesteps import sample_u
 from diffcore.diffusion.weighting import flow_weight, min_snr_weight
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "lcm")
 ALIASES = {
     "flow_euler": "euler",
     "dpmpp_2m_karras": "dpmpp_2m",
@@ -164,9 +164,12 @@ class DDPMScheduler:
             raise ValueError("steps must be at least 1")
         spacing = spacing or self.default_spacing(sampler)
         multistep = sampler == "dpmpp_2m"
-        t = schedules.discrete_timesteps(
-            self.num_train_timesteps, steps, spacing, self.config.steps_offset, multistep=multistep
-        )
+        if sampler == "lcm":  # the distillation grid, whatever the configured spacing
+            t = schedules.lcm_timesteps(self.num_train_timesteps, steps)
+        else:
+            t = schedules.discrete_timesteps(
+                self.num_train_timesteps, steps, spacing, self.config.steps_offset, multistep=multistep
+            )
         if sampler in ("ddpm", "ddim", "dpmpp_2m"):
             t = t.round()
         table = self.ve_table
@@ -181,7 +184,7 @@ class DDPMScheduler:
         levels = torch.cat([levels, torch.tensor([last], dtype=torch.float64)])
         alphas = (1 + levels**2) ** -0.5
         sigmas = levels * alphas
-        if sampler in ("ddpm", "ddim") and not karras:
+        if sampler in ("ddpm", "ddim", "lcm") and not karras:
             # these step in (alpha, sigma) directly, so a zero-SNR first step stays exactly pure noise
             abar = self.alphas_cumprod[t.long()]
             end = self.alphas_cumprod[:1] if final == "min" else torch.ones(1, dtype=torch.float64)

@@ -106,6 +106,19 @@ def discrete_timesteps(
     raise ValueError(f"unknown timestep spacing {spacing!r}")
 
 
+def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """Latent consistency models' inference timesteps (float64, descending): ``steps`` evenly spaced
+    indices into the ``original_steps`` skipping-step grid k - 1, 2k - 1, ..., T - 1 (k = T //
+    original_steps) that LCM distillation trains on, as diffusers' LCMScheduler picks them."""
+    if steps > original_steps:
+        raise ValueError(f"LCM sampling takes at most {original_steps} steps (its distillation grid), got {steps}")
+    k = num_train_timesteps // original_steps
+    grid = (torch.arange(1, original_steps + 1, dtype=torch.float64) * k - 1).flip(0)
+    # the indices floor(i * original_steps / steps), computed in integers so none rounds down wrongly
+    index = torch.tensor([i * original_steps // steps for i in range(steps)])
+    return grid[index]
+
+
 # -- rectified flow -------------------------------------------------------------------------------
 def fixed_shift(s: S, shift: float) -> S:
     """SD3's shift: s' = k s / (1 + (k - 1) s); k = 1 is the identity, k > 1 spends more time at high noise."""
