@@ -15,6 +15,7 @@ from diffcore.model import AdapterKey, DiffusionModel
 from diffcore.weights import load_into, save_safetensors
 from diffcore_flux import convert
 from diffcore_flux.config import FluxConfig
+from diffcore_flux.flops import forward_flops
 from diffcore_flux.network import FluxTransformer
 from diffcore_flux.packing import image_ids, pack, sequence_length, text_ids, unpack
 from diffcore_flux.text import FluxTextEncoders
@@ -136,6 +137,11 @@ class FluxModel(DiffusionModel):
 
     def repeated_blocks(self) -> list[str]:
         return ["double_blocks", "single_blocks"]
+
+    def flops_per_sample(self, latents: torch.Tensor) -> float | None:
+        """Matmul FLOPs of one forward over the target's tokens and the T5 text (Kontext references
+        not counted), attention included, counted from the transformer's layers."""
+        return float(forward_flops(self.backbone, self.sequence_length(latents), self.config.text_length))
 
     # -- adapters and export ---------------------------------------------------------------------
     def adapter_key(self, module_path: str, layout: str) -> AdapterKey:

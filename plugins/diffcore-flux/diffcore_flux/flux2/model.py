@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from diffcore.errors import UserError
+from diffcore.flops import linear_flops
 from diffcore.model import AdapterKey, DiffusionModel
 from diffcore.weights import load_into, save_safetensors
 from diffcore_flux.flux2 import convert, edit
@@ -212,12 +213,18 @@ class Flux2Model(DiffusionModel):
         """Matmul FLOPs of one forward over the target tokens and the text (references not counted)."""
         s = self.backbone.shape
         d, m = s.hidden_size, s.mlp_hidden
-        n = int(latents.shape[-2]) * int(latents.shape[-1]) + self.config.max_sequence_length
+        n_img, n_txt = int(latents.shape[-2]) * int(latents.shape[-1]), self.config.max_sequence_length
+        n = n_img + n_txt
         attention = 4 * n * n * d
         double = 2 * n * (4 * d * d + 3 * m * d) + attention
         single = 2 * n * (d * (3 * d + 2 * m) + (d + m) * d) + attention
-        io = 2 * n * d * (s.in_channels + s.context_in_dim + s.out_channels)
-        return float(s.depth * double + s.depth_single * single + io)
+        io = 2 * d * (n_img * (s.in_channels + s.out_channels) + n_txt * s.context_in_dim)  # each stream its own
+        net = self.backbone
+        once = linear_flops(  # the time embedding and the shared modulations, once per sample
+            net.time_in, net.guidance_in, net.double_stream_modulation_img, net.double_stream_modulation_txt,
+            net.single_stream_modulation, net.final_layer.adaLN_modulation,
+        )  # fmt: skip
+        return float(s.depth * double + s.depth_single * single + io + once)
 
     # -- adapters and export ---------------------------------------------------------------------
     def adapter_key(self, module_path: str, layout: Literal["original", "diffusers"]) -> AdapterKey:
