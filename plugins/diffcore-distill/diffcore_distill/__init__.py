@@ -1,0 +1,1 @@
+"""diffcore-distill: few-step models by distillation (methods ``lcm``, ``consistency``, ``reflow``)."""
