@@ -58,15 +58,17 @@ class DiTModel(DiffusionModel):
                 where="$.data",
                 hint="use a dataset that yields labels (e.g. type: synthetic)",
             )
-        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device).reshape(-1)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        # checked where the batch arrives (the host): on the device the check would wait for it every step
+        checked = labels if labels.device.type == "cpu" else labels.new_empty(0)
+        if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) > self.null_label):
             raise UserError(
                 f"class labels must lie in [0, {self.null_label}] ({self.null_label} = no class), "
                 f"got {int(labels.min())}..{int(labels.max())}",
                 where="$.model.num_classes",
                 hint="set num_classes to the dataset's number of classes",
             )
-        return labels
+        return labels.to(self.device)
 
     def predict(
         self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **extra: Any
