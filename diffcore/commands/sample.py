@@ -152,6 +152,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="backbone dtype"
     )
     out.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    out.add_argument(
+        "--compile",
+        choices=["blocks", "full"],
+        default=None,
+        help="torch.compile the backbone: each repeated block class once (blocks) or its whole forward (full)",
+    )
 
 
 def _parse_adapter(spec: str) -> tuple[Path, float]:
@@ -471,6 +477,10 @@ def sample_command(args: argparse.Namespace) -> int:
     model.to(device, dtype)
     for module in loaded.modules.values():
         module.to(device=device, dtype=dtype).eval()
+    if getattr(args, "compile", None):
+        from diffcore.training.compile import compile_backbone
+
+        compile_backbone(model, args.compile)
     height = args.height or loaded.resolution or 512
     width = args.width or height
     inputs = dict(_parse_input(spec) for spec in args.inputs)

@@ -21,6 +21,7 @@ from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
 from diffcore.training import fast_paths, throughput
+from diffcore.training.compile import compile_for_training, compiled_metrics, log_compile
 from diffcore.training.deepspeed_config import deepspeed_config
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
@@ -172,6 +173,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     ctx.trainable = trainable
     container = TrainedModules(model, ctx.method_modules)
     names = parameter_names(container, trainable)
+    compiled = compile_for_training(model, job.train)  # after block swap: its hooks stay eager
 
     opt_section = job.optimizer or Section(type="adamw", config=component_config("optimizer", "adamw", {}))
     opt_spec = get_registry().get("optimizer", opt_section.type).spec
@@ -248,6 +250,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         stop.uninstall()
     for cb in callbacks:
         cb.on_train_end(ctx)
+    log_compile(compiled, main=dist.rank == 0)
     final = out / "final"
     if dist.rank == 0:
         final.mkdir(parents=True, exist_ok=True)
@@ -377,6 +380,7 @@ def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, pha
                 "lr": ctx.lr,
                 "samples_per_sec": window_samples / max(now - window_start, 1e-9),
                 **meter.figures(now - window_start),
+                **compiled_metrics(ctx.model),
                 "elapsed_s": now - ctx.start_time,
                 "epoch": ctx.sampler.epoch_of(ctx.sampler.position),
             }
