@@ -77,7 +77,7 @@ def build_teacher(model: Any, adapter: Any, trained: Sequence[nn.Parameter], pat
             )
         switch = adapter
     if path is not None:
-        params, values = _from_file(model, Path(path))
+        params, values = _from_file(model, Path(path), switch is not None)
         return Teacher(switch, params, values)
     if switch is not None:
         return Teacher(switch, [], [])
@@ -85,14 +85,15 @@ def build_teacher(model: Any, adapter: Any, trained: Sequence[nn.Parameter], pat
     return Teacher(None, list(trained), [p.detach().clone() for p in trained])
 
 
-def _from_file(model: Any, path: Path) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+def _from_file(model: Any, path: Path, has_adapter: bool) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The base weights the teacher file gives: by the backbone's own names, or else through the
+    model's ``load_exported`` (a run's ``model.safetensors`` in the published layout)."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} not found", where=WHERE, hint="give a model.safetensors a run exported")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        keys = set(f.keys())
         arch = meta.get("diffcore.architecture")
         if arch and model.architecture and arch != model.architecture:
             raise UserError(
@@ -100,26 +101,34 @@ def _from_file(model: Any, path: Path) -> tuple[list[nn.Parameter], list[torch.T
                 where=WHERE,
                 hint="distil from a checkpoint of the job's own model type",
             )
-        params, values = [], []
-        for name, p in model.backbone.named_parameters():
-            if ".adapters." in f".{name}":  # an adapter branch (diffcore-lora), not a base weight
-                continue
-            if name not in keys:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # an adapter's branches are not base weights (diffcore-lora keeps them under ".adapters.")
+    base = [(n, p) for n, p in model.backbone.named_parameters() if ".adapters." not in f".{n}"]
+    if all(n in tensors for n, _ in base):
+        for name, p in base:
+            if tuple(tensors[name].shape) != tuple(p.shape):
                 raise UserError(
-                    f"teacher checkpoint {path} has no tensor {name!r} of the student's backbone",
-                    where=WHERE,
-                    hint="the teacher must be an export of the same architecture and size (a run's final/model.safetensors)",
-                )
-            value = f.get_tensor(name)
-            if tuple(value.shape) != tuple(p.shape):
-                raise UserError(
-                    f"teacher checkpoint {path}: {name} is {tuple(value.shape)}, the student's is {tuple(p.shape)}",
+                    f"teacher checkpoint {path}: {name} is {tuple(tensors[name].shape)}, the student's is {tuple(p.shape)}",
                     where=WHERE,
                     hint="the teacher must be the same architecture and size as the job's model",
                 )
-            params.append(p)
-            values.append(value.to(p.dtype))
-    return params, values
+        return [p for _, p in base], [tensors[n].to(p.dtype) for n, p in base]
+    if has_adapter:
+        raise UserError(
+            f"teacher checkpoint {path} does not name the backbone's weights as the model does",
+            where=WHERE,
+            hint="with an adapter student give the teacher in the backbone's own names, or train the full model",
+        )
+    # the published layout: load it through the model, keep what it gave, put the student back
+    saved = [p.data.clone() for _, p in base]
+    try:
+        model.load_exported(tensors, where=str(path))
+        values = [p.data.clone() for _, p in base]
+    finally:
+        with torch.no_grad():
+            for (_, p), s in zip(base, saved):
+                p.data = s
+    return [p for _, p in base], values
 
 
 class EMATarget:

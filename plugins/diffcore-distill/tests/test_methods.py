@@ -324,14 +324,19 @@ def test_a_teacher_of_another_architecture_is_refused(tmp_path: Path) -> None:
         fake_context(tiny_dit("eps"), method=method, scheduler=scheduler("ddpm"), dataset=dataset())
 
 
-def test_a_teacher_file_is_what_teacher_calls_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["own", "diffusers"])
+def test_a_teacher_file_is_what_teacher_calls_run(tmp_path: Path, layout: str) -> None:
+    """The backbone's own names, or a run's export in the published layout (read through the
+    model's load_exported)."""
     model = tiny_dit("eps")
     torch.manual_seed(1)
     teacher = tiny_dit("eps")
     with torch.no_grad():
         for p in teacher.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_safetensors(teacher.backbone.state_dict(), tmp_path / "t.safetensors", metadata={"diffcore.architecture": "dit"})
+    tensors = teacher.backbone.state_dict() if layout == "own" else teacher.export_state_dict("diffusers")
+    assert (layout == "own") == (set(tensors) == set(teacher.backbone.state_dict()))
+    save_safetensors(tensors, tmp_path / "t.safetensors", metadata={"diffcore.architecture": "dit"})
     method = ConsistencyDistillation(ConsistencyConfig(teacher=str(tmp_path / "t.safetensors")), "lcm")
     fake_context(model, method=method, scheduler=scheduler("ddpm"), dataset=dataset())
     x, t, cond = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0]), model.encode_conditions({"labels": torch.tensor([0, 1])})
