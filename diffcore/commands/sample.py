@@ -153,6 +153,14 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     out.add_argument(
+        "--blocks-to-swap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the frozen weights of the backbone's last N repeated blocks in host memory and copy "
+        "each to the device just before it runs (less device memory, same images; default 0)",
+    )
+    out.add_argument(
         "--compile",
         choices=["blocks", "full"],
         default=None,
@@ -474,6 +482,10 @@ def sample_command(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype or ""
     )
+    if getattr(args, "blocks_to_swap", 0):
+        from diffcore.training.block_swap import swap_for_sampling
+
+        swap_for_sampling(model, args.blocks_to_swap, device, dtype)
     model.to(device, dtype)
     for module in loaded.modules.values():
         module.to(device=device, dtype=dtype).eval()
