@@ -55,13 +55,16 @@ class ConfigError(UserError):
 
 def _most_specific(problems: list[Problem]) -> list[Problem]:
     """Drop exact repeats, and a problem that a deeper path under it already reports with the same
-    message (a validator's failure surfaces both at the section and at its field)."""
+    message (a validator's failure surfaces both at the section and at its field; a plugin's
+    validator raising ValueError reads "..., expected <its config class>" at the section)."""
     out: list[Problem] = []
     for p in problems:
         if p in out:
             continue
         deeper = any(
-            q.message == p.message and q.path.startswith(p.path) and q.path[len(p.path) : len(p.path) + 1] in (".", "[")
+            p.message in (q.message, f"{q.message}, expected {p.message.rpartition(', expected ')[2]}")
+            and q.path.startswith(p.path)
+            and q.path[len(p.path) : len(p.path) + 1] in (".", "[")
             for q in problems
         )
         if not deeper:
