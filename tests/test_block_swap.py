@@ -73,8 +73,9 @@ def _adapter(model: Any, kind: str) -> list[torch.nn.Parameter]:
 
 
 def _train(arch: str, swap: int, *, adapter: str | None = "lora", checkpointing: bool = False, steps: int = 2,
-           observe: Callable[[Any, Any], None] | None = None) -> dict[str, Any]:  # fmt: skip
+           observe: Callable[[Any, Any], None] | None = None, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     model = _model(arch)
+    model.backbone.to(device)
     if adapter is not None:
         params = _adapter(model, adapter)
     else:  # everything but the blocks that may be swapped trains
@@ -86,24 +87,28 @@ def _train(arch: str, swap: int, *, adapter: str | None = "lora", checkpointing:
         for p in model.backbone.parameters():
             p.requires_grad_(id(p) not in swappable)
     model.set_gradient_checkpointing(checkpointing)
-    swapper = swap_blocks(model, swap, "cpu", trainable=params)
+    swapper = swap_blocks(model, swap, device, trainable=params)
     if observe is not None:
         observe(model, swapper)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses, grads = [], []
     for step in range(steps):
-        out = model.backbone(*_inputs(arch, step))
+        out = model.backbone(*_on(device, _inputs(arch, step)))
         loss = out.float().square().mean()
         loss.backward()
         losses.append(loss.detach())
-        grads.append([p.grad.clone() for p in params])
+        grads.append([p.grad.cpu() for p in params])
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
-        inference = model.backbone(*_inputs(arch, 9))
-    state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    return {"losses": losses, "grads": grads, "weights": [p.detach().clone() for p in params], "swap": swapper,
-            "inference": inference, "state": state}  # fmt: skip
+        inference = model.backbone(*_on(device, _inputs(arch, 9))).cpu()
+    state = {k: v.cpu().clone() for k, v in model.backbone.state_dict().items()}
+    return {"losses": [x.cpu() for x in losses], "grads": grads, "weights": [p.detach().cpu() for p in params],
+            "swap": swapper, "inference": inference, "state": state}  # fmt: skip
+
+
+def _on(device: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x.to(device) for x in inputs)
 
 
 def _blocks(model: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -326,3 +331,23 @@ def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch
     assert torch.equal(sample(tmp_path / "s0"), sample(tmp_path / "s2", "--blocks-to-swap", "2"))
     with pytest.raises(UserError, match="4 blocks to swap, but the model has 3"):
         sample(tmp_path / "s4", "--blocks-to-swap", "4")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the side stream, events and pinned memory"
+)
+@pytest.mark.parametrize(
+    ("arch", "adapter", "checkpointing"), [("dit", "lora", False), ("flux", "lora", True)]
+)
+def test_swap_is_exact_on_cuda(arch, adapter, checkpointing):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(
+        SDPBackend.MATH
+    ):  # deterministic attention backward, so the runs can be compared bit for bit
+        plain = _train(arch, 0, adapter=adapter, checkpointing=checkpointing, device="cuda")
+        swapped = _train(arch, 3, adapter=adapter, checkpointing=checkpointing, device="cuda")
+    _assert_same(plain, swapped)
+    swap = swapped["swap"]
+    assert swap.max_resident <= 2
+    assert all(t.host.is_pinned() for b in swap.blocks for t in b.tensors)

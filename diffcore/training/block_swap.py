@@ -136,15 +136,17 @@ class BlockSwap:
         for b in self.blocks:
             for t in b.tensors:
                 data = t.tensor.data
-                host = torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
-                host.copy_(data)
-                t.host = host
+                t.host = torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
+                t.host.copy_(data)
+                # a buffer of its own (the loaded tensor may be a view into a shared one), freed at once
                 t.device = torch.empty(data.shape, dtype=data.dtype, device=self.device)
                 t.storage = t.device.untyped_storage()
                 t.nbytes = t.storage.nbytes()
+                t.storage.resize_(0)
                 t.placeholder = torch.empty(0, dtype=data.dtype, device=self.device)
-            b.resident = True
-            self._release(b)
+                t.tensor.data = t.placeholder
+                del data
+            b.resident = False
         self.armed = True
 
     def resident(self) -> list[str]:
