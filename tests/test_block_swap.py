@@ -328,6 +328,14 @@ def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch
         (png,) = out.glob("*.png")
         return torch.tensor(list(Image.open(png).getdata()))
 
+    # bad counts stop the run before DeepSpeed starts, naming the key
+    with pytest.raises(UserError, match=r"\$.train.blocks_to_swap: 4 blocks to swap, but the model has 3"):
+        run_job(job(tmp_path / "four", 4), tmp_path / "four")
+    zero3 = job(tmp_path / "zero3", 1)
+    zero3["train"]["deepspeed"] = {"zero_stage": 3}
+    with pytest.raises(UserError, match="ZeRO-3 partitions.*offload_params"):
+        run_job(zero3, tmp_path / "zero3")
+
     assert torch.equal(sample(tmp_path / "s0"), sample(tmp_path / "s2", "--blocks-to-swap", "2"))
     with pytest.raises(UserError, match="4 blocks to swap, but the model has 3"):
         sample(tmp_path / "s4", "--blocks-to-swap", "4")
