@@ -41,4 +41,5 @@ def records() -> list[CommandSpec]:
         _command("doctor", "check a job before it runs: buckets, crops, cache, one step's memory, packages"),
         _command("convert", "convert adapter and model files between layouts, or merge an adapter into a model"),
         _command("init", "write a commented job file for a model and method"),
+        _command("plan", "predict a job's peak device memory and choose the cheapest settings that fit a GPU"),
     ]
