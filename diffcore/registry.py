@@ -50,6 +50,9 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
         "flux": "diffcore-flux",
     },
     "adapter": {"lora": "diffcore-lora", "dora": "diffcore-lora", "lokr": "diffcore-lora", "loha": "diffcore-lora"},
+    "optimizer": {
+        name: "diffcore-optimizers" for name in ("adamw8bit", "adafactor", "prodigy", "schedulefree_adamw", "lion")
+    },
     "autoencoder": {
         "sd": "diffcore-vae",
         "sdxl": "diffcore-vae",

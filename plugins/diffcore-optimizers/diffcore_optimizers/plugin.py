@@ -1,0 +1,41 @@
+"""Entry point: registers the optimizers. Imports no torch (discovery stays cheap); each library is
+imported when its optimizer is built."""
+
+from __future__ import annotations
+
+import diffcore
+from diffcore_optimizers import factories
+from diffcore_optimizers.config import (
+    AdafactorConfig,
+    AdamW8bitConfig,
+    LionConfig,
+    ProdigyConfig,
+    ScheduleFreeAdamWConfig,
+)
+
+
+@diffcore.hookimpl
+def diffcore_register_optimizers():
+    return [
+        diffcore.OptimizerSpec(
+            name="adamw8bit", config=AdamW8bitConfig, factory=factories.adamw8bit,
+            description="AdamW with 8-bit moments (bitsandbytes; pip install diffcore-optimizers[8bit])",
+        ),
+        diffcore.OptimizerSpec(
+            name="adafactor", config=AdafactorConfig, factory=factories.adafactor,
+            description="Adafactor, factored second moments (torch)",
+        ),
+        diffcore.OptimizerSpec(
+            name="prodigy", config=ProdigyConfig, factory=factories.prodigy,
+            description="Prodigy, Adam that learns its step size (prodigyopt; train.lr 1.0)",
+        ),
+        diffcore.OptimizerSpec(
+            name="schedulefree_adamw", config=ScheduleFreeAdamWConfig, factory=factories.schedulefree_adamw,
+            set_mode=factories.schedulefree_mode,
+            description="schedule-free AdamW (schedulefree; constant lr, ZeRO 0 without mixed precision)",
+        ),
+        diffcore.OptimizerSpec(
+            name="lion", config=LionConfig, factory=factories.lion,
+            description="Lion, sign updates (lion-pytorch)",
+        ),
+    ]  # fmt: skip
