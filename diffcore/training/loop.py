@@ -346,6 +346,10 @@ def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, pha
     batches = iter(loader)
     engine = ctx.engine
     engine.train()
+    if ctx.world_size == 1 and job.train.deepspeed.zero_stage == 0:
+        # one process has nothing to average: DeepSpeed would still copy every gradient into a flat
+        # buffer, "all-reduce" it with itself and copy it back each step (its own no-backend path)
+        engine.enable_backward_allreduce = False
     window = LossWindow(ctx.device)
     window_start, window_samples = time.time(), 0
     meter = throughput.for_run(ctx)
