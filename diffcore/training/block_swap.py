@@ -371,8 +371,11 @@ def _swappable(
                 holders.get(id(tensor), {i}) != {i}
                 or tensor.numel() == 0
                 or type(tensor.data) is not torch.Tensor
+                or type(tensor) not in (torch.Tensor, nn.Parameter)
             ):
-                continue  # tied to another module, or a quantised tensor subclass: it stays on the device
+                # tied to another module, or a quantised tensor subclass (torchao's, which model.quantize
+                # loads) or parameter subclass whose extra state would not follow: it stays on the device
+                continue
             if id(tensor) in found:
                 found[id(tensor)].names.append(tname)
             else:
