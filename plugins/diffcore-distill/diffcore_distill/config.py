@@ -15,6 +15,10 @@ class DistillConfig(DiffusionMethodConfig):
     #: or ``final/ema.safetensors`` of a run). None: the job's own model as loaded, with the adapter
     #: switched off when the student is an adapter (no second copy of the weights).
     teacher: str | None = None
+    #: start the student from the teacher file's weights (the model's own weights become the
+    #: teacher's, so the teacher is again the base model: no copy with an adapter student); false
+    #: keeps the model's own weights for the student and swaps the teacher's in for its calls
+    init_from_teacher: bool = True
 
 
 @attrs.define(kw_only=True)

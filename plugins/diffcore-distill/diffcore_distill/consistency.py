@@ -68,7 +68,7 @@ class ConsistencyDistillation(DiffusionMethod):
                 hint="use method type lcm for eps and v models",
             )
         trained = list(super().setup(ctx))
-        self.teacher = build_teacher(model, ctx.adapter, trained, self.config.teacher)
+        self.teacher = build_teacher(model, ctx.adapter, trained, self.config.teacher, self.config.init_from_teacher)
         self.target = EMATarget(trained, self.config.target_ema)
         return trained
 

@@ -56,7 +56,7 @@ class ReflowMethod(DiffusionMethod):
                 hint="use method type lcm for eps and v models",
             )
         trained = list(super().setup(ctx))
-        self.teacher = build_teacher(model, ctx.adapter, trained, self.config.teacher)
+        self.teacher = build_teacher(model, ctx.adapter, trained, self.config.teacher, self.config.init_from_teacher)
         self.pairs = self.make_pairs(ctx)
         return trained
 

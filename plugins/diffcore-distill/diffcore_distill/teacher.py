@@ -2,8 +2,8 @@
 
 No second copy of the model is built. With an adapter student the teacher is the base model with
 the adapter switched off (strength 0); with a full student it is a snapshot of the weights that
-train, taken before the first step; a ``teacher`` file replaces the base weights during teacher
-calls. The EMA target is an average of the trained parameters swapped in for target calls.
+train, taken before the first step. A ``teacher`` file is loaded into the model first (the student
+starts from the teacher), or, with ``init_from_teacher: false``, swapped in for teacher calls only. The EMA target is an average of the trained parameters swapped in for target calls.
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ class Teacher:
                 self.adapter.set_strength(strength)
 
 
-def build_teacher(model: Any, adapter: Any, trained: Sequence[nn.Parameter], path: str | None) -> Teacher:
-    """The teacher of a student whose trainable parameters are ``trained``: see the module doc."""
+def build_teacher(
+    model: Any, adapter: Any, trained: Sequence[nn.Parameter], path: str | None, init_from_teacher: bool = True
+) -> Teacher:
+    """The teacher of a student whose trainable parameters are ``trained``: see the module doc.
+    ``init_from_teacher`` loads the ``path`` file into the model first (the student starts there)."""
     switch: Switchable | None = None
     if adapter is not None:
         if not isinstance(adapter, Switchable):
@@ -78,7 +81,11 @@ def build_teacher(model: Any, adapter: Any, trained: Sequence[nn.Parameter], pat
         switch = adapter
     if path is not None:
         params, values = _from_file(model, Path(path), switch is not None)
-        return Teacher(switch, params, values)
+        if not init_from_teacher:
+            return Teacher(switch, params, values)
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
     if switch is not None:
         return Teacher(switch, [], [])
     # a full student: the weights that will train, as they are before the first step
@@ -119,15 +126,16 @@ def _from_file(model: Any, path: Path, has_adapter: bool) -> tuple[list[nn.Param
             where=WHERE,
             hint="with an adapter student give the teacher in the backbone's own names, or train the full model",
         )
-    # the published layout: load it through the model, keep what it gave, put the student back
-    saved = [p.data.clone() for _, p in base]
+    # the published layout: load it through the model (which may put new parameter objects in
+    # place), keep what it gave, then put the student's own parameters back
     try:
         model.load_exported(tensors, where=str(path))
-        values = [p.data.clone() for _, p in base]
+        now = dict(model.backbone.named_parameters())
+        values = [now[n].detach().clone() for n, _ in base]
     finally:
-        with torch.no_grad():
-            for (_, p), s in zip(base, saved):
-                p.data = s
+        for name, p in base:
+            owner, _, leaf = name.rpartition(".")
+            model.backbone.get_submodule(owner)._parameters[leaf] = p
     return [p for _, p in base], values
 
 

@@ -337,11 +337,23 @@ def test_a_teacher_file_is_what_teacher_calls_run(tmp_path: Path, layout: str) -
     tensors = teacher.backbone.state_dict() if layout == "own" else teacher.export_state_dict("diffusers")
     assert (layout == "own") == (set(tensors) == set(teacher.backbone.state_dict()))
     save_safetensors(tensors, tmp_path / "t.safetensors", metadata={"diffcore.architecture": "dit"})
-    method = ConsistencyDistillation(ConsistencyConfig(teacher=str(tmp_path / "t.safetensors")), "lcm")
-    fake_context(model, method=method, scheduler=scheduler("ddpm"), dataset=dataset())
     x, t, cond = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0]), model.encode_conditions({"labels": torch.tensor([0, 1])})
     student = model.predict(x, t, cond).detach()
+    expected = teacher.predict(x, t, cond).detach()
+    assert (student - expected).abs().max() > 1e-4
+    config = ConsistencyConfig(teacher=str(tmp_path / "t.safetensors"), init_from_teacher=False)
+    method = ConsistencyDistillation(config, "lcm")
+    fake_context(model, method=method, scheduler=scheduler("ddpm"), dataset=dataset())
     assert method.teacher is not None
     with method.teacher.active():
-        torch.testing.assert_close(model.predict(x, t, cond), teacher.predict(x, t, cond).detach())
+        torch.testing.assert_close(model.predict(x, t, cond), expected)
     torch.testing.assert_close(model.predict(x, t, cond).detach(), student)
+    # the default: the student starts from the teacher, which is then the snapshot of those weights
+    method = ConsistencyDistillation(ConsistencyConfig(teacher=str(tmp_path / "t.safetensors")), "lcm")
+    ctx = fake_context(model, method=method, scheduler=scheduler("ddpm"), dataset=dataset())
+    torch.testing.assert_close(model.predict(x, t, cond).detach(), expected)
+    with torch.no_grad():
+        for p in ctx.trainable:
+            p.add_(0.1)
+    with method.teacher.active():
+        torch.testing.assert_close(model.predict(x, t, cond), expected)

@@ -1,0 +1,175 @@
+"""Few-step quality of the distillation methods on the quickstart DiT (issue 18's judged figure).
+
+The teacher is the quickstart job (examples/quickstart.yaml: a class-conditional flow DiT on the
+synthetic shapes), trained here or taken from a finished run (``--teacher-run``). From its EMA
+weights the script distils, each a ``diffcore run`` of a job it writes (full finetunes that start from
+the teacher):
+  - ``reflow``: pairs from the teacher at 20 Euler steps, guidance 4.5; the student sampled with
+    Euler at 2 and 4 steps, no guidance;
+  - ``consistency``: consistency distillation with the teacher's guided Euler step (guidance 4.5);
+    the student sampled with the ``lcm`` sampler at 2 and 4 steps, no guidance.
+Each model is scored as the quickstart's class_agreement callback scores it (16 samples per class,
+seed 1234): class agreement by colour, and by colour and form. The table also holds the undistilled
+teacher at 20 steps (the reference) and at 2 and 4 steps (the baseline distillation must beat).
+
+    OMP_NUM_THREADS=1 python benchmarks/distill_quality.py --teacher-run runs/quickstart
+    python benchmarks/distill_quality.py --work /tmp/distill   # trains the teacher first
+
+Finished stages are kept in ``--work`` and reused (delete a folder to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDANCE = 4.5  # the quickstart's sampling guidance
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/distill_quality"))
+    p.add_argument("--teacher-run", type=Path, default=None, help="a finished quickstart output_dir (default: train one)")
+    p.add_argument("--methods", default="reflow,consistency")
+    p.add_argument("--pairs", type=int, default=2048, help="reflow pairs")
+    p.add_argument("--reflow-steps", type=int, default=1500)
+    p.add_argument("--consistency-steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    return p.parse_args()
+
+
+def diffcore_run(job: dict[str, Any], folder: Path) -> None:
+    """Train ``job`` with ``diffcore run`` unless ``folder`` already holds its final weights
+    (an interrupted run resumes)."""
+    if (folder / "final").is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    job_file = folder.with_suffix(".yaml")
+    job_file.write_text(yaml.safe_dump({**job, "output_dir": str(folder)}, sort_keys=False))
+    cmd = [sys.executable, "-m", "diffcore.cli", "run", str(job_file)]
+    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
+        cmd.append("--resume")
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    start = time.time()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    print(f"[{folder.name}] trained in {time.time() - start:.0f} s", flush=True)
+
+
+def teacher_weights(args: argparse.Namespace) -> Path:
+    """The teacher: the EMA weights of the quickstart run (trained here unless given)."""
+    run = args.teacher_run
+    if run is None:
+        run = args.work / "teacher"
+        quickstart = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+        diffcore_run(quickstart, run)
+    ema = run / "final" / "ema.safetensors"
+    return ema if ema.is_file() else run / "final" / "model.safetensors"
+
+
+def load_dit(weights: Path) -> Any:
+    """The quickstart DiT with ``weights`` (a run's export)."""
+    from safetensors.torch import load_file
+
+    import diffcore
+
+    model = diffcore.load_model("dit", **quickstart_model())
+    model.load_exported(load_file(str(weights)), where=str(weights))
+    return model
+
+
+def quickstart_model() -> dict[str, Any]:
+    section = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["model"]
+    return {k: v for k, v in section.items() if k != "type"}
+
+
+def student_job(name: str, teacher: Path, method: dict[str, Any], steps: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A full finetune of the quickstart DiT that starts from the teacher (``method.teacher``)."""
+    return {
+        "name": name,
+        "seed": 0,
+        "model": {"type": "dit", **quickstart_model()},
+        "scheduler": {"type": "flow"},
+        "method": method,
+        "data": {"type": "synthetic", "resolution": 32, "size": 4096},
+        "train": {
+            "steps": steps, "batch_size": args.batch, "lr": args.lr, "lr_schedule": "cosine", "warmup_steps": 50,
+            "grad_clip": 1.0, "ema_decay": 0.999, "log_every": 50, "checkpoint_every": 500,
+        },
+    }  # fmt: skip
+
+
+def score(model: Any, *, steps: int, sampler: str, guidance: float, per_class: int) -> dict[str, float]:
+    """The class_agreement callback's figures for ``model``."""
+    import torch
+
+    import diffcore
+    from diffcore.data.synthetic import classify
+    from diffcore.sampling import generate
+
+    names = diffcore.build_component("dataset", "synthetic", {"resolution": 32, "size": 4}).class_names
+    labels = torch.arange(len(names)).repeat_interleave(per_class)
+    scheduler = diffcore.build_component("scheduler", "flow", {})
+    with torch.no_grad():
+        pixels = generate(model, scheduler, batch={"labels": labels}, height=32, width=32, steps=steps,
+                          sampler=sampler, guidance=guidance, seed=1234).float().cpu()  # fmt: skip
+    return {
+        "class": float((classify(pixels, names) == labels).float().mean()),
+        "form": float((classify(pixels, names, check_form=True) == labels).float().mean()),
+    }
+
+
+def main() -> None:
+    args = parse()
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_weights(args)
+    rows: list[tuple[str, int, str, float, dict[str, float]]] = []
+
+    model = load_dit(teacher).to(args.device)
+    for steps in (20, 2, 4):
+        rows.append(("teacher (undistilled)", steps, "euler", GUIDANCE, score(model, steps=steps, sampler="euler",
+                     guidance=GUIDANCE, per_class=args.per_class)))  # fmt: skip
+
+    methods = [m for m in args.methods.split(",") if m]
+    if "reflow" in methods:
+        method = {"type": "reflow", "pairs": args.pairs, "shard_size": 256, "sample_steps": 20, "guidance": GUIDANCE,
+                  "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"), "teacher": str(teacher)}  # fmt: skip
+        folder = args.work / "reflow"
+        diffcore_run(student_job("reflow", teacher, method, args.reflow_steps, args), folder)
+        student = load_dit(folder / "final" / "ema.safetensors")
+        for steps in (2, 4):
+            rows.append(("reflow", steps, "euler", 1.0, score(student, steps=steps, sampler="euler", guidance=1.0,
+                         per_class=args.per_class)))  # fmt: skip
+    if "consistency" in methods:
+        method = {"type": "consistency", "guidance": [GUIDANCE], "num_solver_steps": 20, "target_ema": 0.95,
+                  "huber_c": 0.001, "teacher": str(teacher)}  # fmt: skip
+        folder = args.work / "consistency"
+        diffcore_run(student_job("consistency", teacher, method, args.consistency_steps, args), folder)
+        student = load_dit(folder / "final" / "ema.safetensors")
+        for steps in (2, 4):
+            rows.append(("consistency", steps, "lcm", 1.0, score(student, steps=steps, sampler="lcm", guidance=1.0,
+                         per_class=args.per_class)))  # fmt: skip
+
+    reference = rows[0][4]
+    print("\n| model | steps | sampler | guidance | class agreement | colour-and-form | form - teacher@20 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, steps, sampler, guidance, figures in rows:
+        gap = figures["form"] - reference["form"]
+        print(f"| {name} | {steps} | {sampler} | {guidance:g} | {figures['class']:.3f} | {figures['form']:.3f} | {gap:+.3f} |")
+    (args.work / "quality.json").write_text(json.dumps(
+        [{"model": n, "steps": s, "sampler": sm, "guidance": g, **f} for n, s, sm, g, f in rows], indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
