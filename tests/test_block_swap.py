@@ -12,6 +12,7 @@ import torch
 
 import diffcore
 from diffcore.errors import UserError
+from diffcore.model import DiffusionModel
 from diffcore.training.block_swap import block_count, swap_blocks
 
 pytest.importorskip("diffcore_lora")
@@ -227,7 +228,7 @@ def test_bad_counts_are_user_errors():
     assert caught.value.where == "$.train.blocks_to_swap"
     assert swap_blocks(model, 0, "cpu") is None
 
-    bare = diffcore.model.DiffusionModel(torch.nn.Linear(2, 2), latent_channels=2)
+    bare = DiffusionModel(torch.nn.Linear(2, 2), latent_channels=2)
     with pytest.raises(UserError, match="declares no repeated blocks to swap"):
         swap_blocks(bare, 1, "cpu")
 
@@ -386,3 +387,60 @@ def test_swap_under_compiled_blocks_is_exact_and_adds_no_recompiles():
     assert all(torch.equal(a, b) for a, b in zip(plain, swapped))
     assert compiled.recompiles() == plain_compiled.recompiles()
     assert swapper.max_resident <= 2
+
+
+class _Residual(torch.nn.Sequential):
+    """A block that adds its input back itself, as every diffcore backbone's blocks do (a residual
+    added outside the block would sum the input's gradients in another order: equal up to rounding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class _Reused(torch.nn.Module):
+    """A backbone that runs one of its blocks twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            _Residual(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+            for _ in range(3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in (0, 1, 2, 1):
+            x = self.blocks[i](x)
+        return x
+
+
+class _ReusedModel(DiffusionModel):
+    adapter_targets = [r"blocks\.\d+\.[03]$"]
+
+    def repeated_blocks(self) -> list[str]:
+        return ["blocks"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_block_run_twice_per_forward_stays_exact(checkpointing):
+    from diffcore.nn import checkpointed
+
+    def run(swap: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        backbone = _Reused()
+        model = _ReusedModel(backbone, latent_channels=8)
+        params = _adapter(model, "lora")
+        if checkpointing:
+            for block in backbone.blocks:  # recomputed inside the block's own forward
+                block.forward = lambda x, f=block.forward: checkpointed(f, x)
+        swap_blocks(model, swap, "cpu", trainable=params)
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        out = []
+        for step in range(2):
+            loss = backbone(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().mean()
+            loss.backward()
+            out += [loss.detach(), *(p.grad.clone() for p in params)]
+            optimizer.step()
+            optimizer.zero_grad()
+        return out
+
+    assert all(torch.equal(a, b) for a, b in zip(run(0), run(2)))

@@ -59,7 +59,18 @@ class _Tensor:
 
 
 class _Block:
-    __slots__ = ("index", "name", "module", "tensors", "resident", "ready", "active", "started", "handles")
+    __slots__ = (
+        "index",
+        "name",
+        "module",
+        "tensors",
+        "resident",
+        "ready",
+        "active",
+        "started",
+        "calls",
+        "handles",
+    )
 
     def __init__(self, index: int, name: str, module: nn.Module, tensors: list[_Tensor]):
         self.index = index
@@ -70,6 +81,7 @@ class _Block:
         self.ready: Any = None  # the CUDA event of a copy still in flight
         self.active = False  # its backward is pending (recomputed for it) or running: keep it
         self.started = False  # its backward began
+        self.calls = 0  # forwards (with gradients) whose backward has not ended
         self.handles: list[Any] = []
 
 
@@ -260,6 +272,8 @@ class BlockSwap:
             where = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
             if not where:
                 return None
+            if not backward:  # a recomputed forward's graph is never back-propagated
+                b.calls += 1
             aliased = _EndOfBackward.apply(self, b, *(flat[i] for i in where))
             for i, x in zip(where, aliased):
                 flat[i] = x
@@ -286,7 +300,8 @@ class BlockSwap:
             if not self._callback_queued:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
                 self._callback_queued = True
-            if b.started:
+            if b.started:  # another output of the block, or another call of it
+                self._ensure(b)
                 return
             b.started = b.active = True
             before = self._neighbour(b, -1, wrap=False)
@@ -297,6 +312,9 @@ class BlockSwap:
         return hook
 
     def _backward_done(self, b: _Block) -> None:
+        b.calls -= 1
+        if b.calls > 0:  # a block called twice in one forward: the other call's backward is to come
+            return
         b.active = b.started = False
         if b is not self._prefetch:
             self._release(b)
@@ -305,6 +323,7 @@ class BlockSwap:
         self._callback_queued = False
         for b in self.blocks:
             b.active = b.started = False
+            b.calls = 0
         # the next forward starts with the first swapped block: keep it if it is here
         first = self._order[0] if self._order else None
         self._prefetch = None
