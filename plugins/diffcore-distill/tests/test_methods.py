@@ -18,7 +18,7 @@ from diffcore_distill.teacher import EMATarget
 import diffcore
 from diffcore.errors import UserError
 from diffcore.sampling import generate
-from diffcore.testing import assert_entry_points_light, fake_context, first_batch, run_job
+from diffcore.testing import assert_entry_points_light, fake_context, first_batch, run_cli, run_job
 from diffcore.weights import save_safetensors
 
 pytest.importorskip("diffcore_dit")
@@ -284,6 +284,15 @@ def test_reflow_resumes_exactly_from_mid_generation(tmp_path: Path, monkeypatch:
     assert resumed.losses == straight.losses
     for key, value in straight.weights("model").items():
         assert torch.equal(resumed.weights("model")[key], value), key
+
+    # diffcore sample runs the student in 2 Euler steps (and does not generate pairs again)
+    shards = sorted((tmp_path / "b" / "reflow_pairs").iterdir())
+    out = tmp_path / "samples"
+    cli = run_cli("sample", "--from", str(tmp_path / "b"), "--label", "1", "--label", "3", "--steps", "2",
+                  "--guidance", "1", "--out", str(out), plugins=["diffcore_distill.plugin", "diffcore_dit.plugin"])  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert sorted(p.name for p in out.glob("sample-*.png")) == ["sample-000-label1-seed0.png", "sample-001-label3-seed1.png"]
+    assert sorted((tmp_path / "b" / "reflow_pairs").iterdir()) == shards
 
 
 # -- errors ---------------------------------------------------------------------------------------
