@@ -292,8 +292,8 @@ def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch
 
     installed = []
 
-    def recorded(ctx):
-        installed.append(block_swap.swap_for_training(ctx))
+    def recorded(ctx, held):
+        installed.append(block_swap.swap_for_training(ctx, held))
         return installed[-1]
 
     monkeypatch.setattr(loop, "swap_for_training", recorded)
@@ -444,3 +444,53 @@ def test_a_block_run_twice_per_forward_stays_exact(checkpointing):
         return out
 
     assert all(torch.equal(a, b) for a, b in zip(run(0), run(2)))
+
+
+def test_held_blocks_stay_on_the_host_while_the_model_moves():
+    """The loop holds the blocks to swap before model.to(device) (here the meta device stands in for
+    the GPU): they and the adapter attached to them stay on the host until the swap takes them; a
+    deep copy of a held block (a ControlNet trunk's) moves as usual."""
+    import copy
+    from types import SimpleNamespace
+
+    from diffcore.config.job import TrainConfig
+    from diffcore.training.block_swap import hold_on_host, swap_for_training
+
+    model = _model("dit")
+    job = SimpleNamespace(train=TrainConfig(blocks_to_swap=2))
+    held = hold_on_host(job, model)
+    copied = copy.deepcopy(model.backbone.blocks[4])
+    model.backbone.to("meta")
+    copied.to("meta")
+    devices = {name: {p.device.type for p in block.parameters()} for name, block in _blocks(model)}
+    assert devices == {"blocks.0": {"meta"}, "blocks.1": {"meta"}, "blocks.2": {"meta"}, "blocks.3": {"cpu"},
+                       "blocks.4": {"cpu"}}  # fmt: skip
+    assert {p.device.type for p in copied.parameters()} == {"meta"}
+    with pytest.raises(UserError, match="7 blocks to swap, but the model has 5"):
+        hold_on_host(SimpleNamespace(train=TrainConfig(blocks_to_swap=7)), model)
+
+    model = _model("dit")
+    held = hold_on_host(job, model)
+    params = _adapter(model, "lora")
+    ctx = SimpleNamespace(job=job, model=model, adapter_params=params, device=torch.device("cpu"))
+    swap = swap_for_training(ctx, held)
+    assert swap.armed and swap.resident() == [] and [b.name for b in swap.blocks] == ["blocks.3", "blocks.4"]
+    model.backbone.to("meta")  # released: the blocks follow the model again (their placeholders)
+    assert {p.device.type for p in model.backbone.blocks[4].parameters()} == {"meta"}
+
+
+def test_a_cast_of_the_offloaded_weights_is_followed():
+    """DeepSpeed casts every parameter (placeholders included) to bf16/fp16 after the swap is set up:
+    the host copies follow, and the model computes as the cast model does."""
+    model = _model("dit")
+    model.backbone.requires_grad_(False)
+    reference = _model("dit").backbone.to(torch.float64)
+    swap_blocks(model, 3, "cpu", arm=True)
+    for p in model.backbone.parameters():  # as DeepSpeed's _cast_module_mixed_precision does
+        p.data = p.data.to(torch.float64)
+    x, t, y = _inputs("dit", 0)
+    with torch.no_grad():
+        assert torch.equal(model.backbone(x.double(), t.double(), y), reference(x.double(), t.double(), y))
+    assert all(
+        v.dtype == torch.float64 for v in model.backbone.state_dict().values() if v.is_floating_point()
+    )

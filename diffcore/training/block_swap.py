@@ -30,6 +30,8 @@ every diffcore backbone; an adapter-only branch through a second frozen layer wo
 
 from __future__ import annotations
 
+import types
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -181,8 +183,10 @@ class BlockSwap:
         """Start copying ``b``'s weights in (asynchronously on CUDA)."""
         if b.resident:
             return
-        # allocated on the compute stream: the copy waits for what that stream queued before
         for t in b.tensors:
+            if t.tensor.dtype != t.host.dtype:
+                self._recast(t)
+            # allocated on the compute stream: the copy waits for what that stream queued before
             t.storage.resize_(t.nbytes)
         if self._stream is not None:
             compute = torch.cuda.current_stream(self.device)
@@ -199,6 +203,18 @@ class BlockSwap:
             t.tensor.data = t.device
         b.resident = True
         self.max_resident = max(self.max_resident, sum(x.resident for x in self.blocks))
+
+    def _recast(self, t: _Tensor) -> None:
+        """Follow a cast of the offloaded tensor (DeepSpeed's bf16/fp16 cast replaces every
+        parameter's ``.data``, placeholders included): the host copy takes the new dtype."""
+        dtype = t.tensor.dtype
+        host = t.host.to(dtype)
+        t.host = host.pin_memory() if t.host.is_pinned() else host
+        t.device = torch.empty(t.host.shape, dtype=dtype, device=self.device)
+        t.storage = t.device.untyped_storage()
+        t.nbytes = t.storage.nbytes()
+        t.storage.resize_(0)
+        t.placeholder = t.tensor.data
 
     def _ensure(self, b: _Block) -> None:
         self._load(b)
@@ -334,6 +350,8 @@ class BlockSwap:
             if not self.armed:
                 return
             for t in b.tensors:
+                if not b.resident and t.tensor.dtype != t.host.dtype:
+                    self._recast(t)
                 for name in t.names:
                     if prefix + name in state:
                         state[prefix + name] = t.host
@@ -424,6 +442,91 @@ def swap_blocks(
     otherwise the first swapped forward does. None when ``count`` is 0."""
     if count == 0:
         return None
+    chosen = _chosen(model, count, where)
+    swap = BlockSwap(
+        _swappable(model.backbone, chosen, {id(p) for p in trainable}, where), torch.device(device)
+    )
+    if arm:
+        swap.arm()
+    return swap
+
+
+class HeldBlocks:
+    """The blocks :func:`hold_on_host` kept off the device, until :func:`swap_for_training` swaps them."""
+
+    def __init__(self, count: int, blocks: list[tuple[str, nn.Module]]):
+        self.count = count
+        self.blocks = blocks
+        for _, block in blocks:
+            # nn.Module.to (and .cuda, .half...) reaches each child through its _apply: this
+            # instance's does nothing, so the loop's model.to(device) leaves the block on the host
+            _HELD.add(block)
+            block._apply = types.MethodType(_stay, block)  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        for _, block in self.blocks:
+            _HELD.discard(block)
+            del block._apply
+
+
+#: the blocks held now (a deep copy of one, e.g. a ControlNet trunk's, is not: it moves as usual)
+_HELD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _stay(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    if module in _HELD:
+        return module
+    return nn.Module._apply(module, fn, recurse)
+
+
+def _check_training(train: Any) -> None:
+    if train.deepspeed.zero_stage == 3:
+        raise UserError(
+            "block swap cannot move weights that ZeRO-3 partitions",
+            where=WHERE,
+            hint="set it to 0 and use train.deepspeed.offload_params: true, or use zero_stage 0-2",
+        )
+
+
+def hold_on_host(job: Any, model: Any) -> HeldBlocks | None:
+    """``train.blocks_to_swap`` in the loop, first part, before the model moves to the device: the
+    blocks to swap stay on the host (the adapter then attaches to them there), so their weights
+    never sit on the device together. Bad counts fail here, before anything moves."""
+    count = job.train.blocks_to_swap
+    if count == 0:
+        return None
+    _check_training(job.train)
+    return HeldBlocks(count, _chosen(model, count, WHERE))
+
+
+def swap_for_training(ctx: Any, held: HeldBlocks | None = None) -> BlockSwap | None:
+    """``train.blocks_to_swap`` in the loop, second part: after the adapter is attached and the
+    trainable parameters are chosen, before DeepSpeed. The held blocks' trainable parameters (the
+    adapter's) go to the device; their frozen weights to pinned host memory."""
+    train = ctx.job.train
+    if train.blocks_to_swap == 0:
+        return None
+    _check_training(train)
+    trainable = ctx.adapter_params or ()
+    if held is None:  # the model is on the device already: the first swapped forward arms the swap
+        return swap_blocks(ctx.model, train.blocks_to_swap, ctx.device, trainable=trainable)
+    held.release()
+    device = torch.device(ctx.device)
+    import torch.distributed as dist
+
+    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    for _, block in held.blocks:
+        for tensor in [*block.parameters(), *block.buffers()]:
+            if tensor.requires_grad:
+                tensor.data = tensor.data.to(device)
+            elif synced:  # as DeepSpeed's start-up broadcast would (a randomly initialised model)
+                buffer = tensor.data.to(device)
+                dist.broadcast(buffer, 0)
+                tensor.data.copy_(buffer)
+    return swap_blocks(ctx.model, train.blocks_to_swap, device, trainable=trainable, arm=True)
+
+
+def _chosen(model: Any, count: int, where: str) -> list[tuple[str, nn.Module]]:
     paths = model.repeated_blocks()
     if not paths:
         raise UserError(
@@ -438,29 +541,7 @@ def swap_blocks(
             where=where,
             hint=f"use at most {len(blocks)}",
         )
-    chosen = blocks[len(blocks) - count :]
-    swap = BlockSwap(
-        _swappable(model.backbone, chosen, {id(p) for p in trainable}, where), torch.device(device)
-    )
-    if arm:
-        swap.arm()
-    return swap
-
-
-def swap_for_training(ctx: Any) -> BlockSwap | None:
-    """``train.blocks_to_swap`` for the loop: after the adapter is attached and the trainable
-    parameters are chosen, before DeepSpeed (the swap arms itself at the first forward, once
-    DeepSpeed has cast and broadcast the weights)."""
-    train = ctx.job.train
-    if train.blocks_to_swap == 0:
-        return None
-    if train.deepspeed.zero_stage == 3:
-        raise UserError(
-            "block swap cannot move weights that ZeRO-3 partitions",
-            where=WHERE,
-            hint="set it to 0 and use train.deepspeed.offload_params: true, or use zero_stage 0-2",
-        )
-    return swap_blocks(ctx.model, train.blocks_to_swap, ctx.device, trainable=ctx.adapter_params or ())
+    return blocks[len(blocks) - count :]
 
 
 def swap_for_sampling(

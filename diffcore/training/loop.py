@@ -21,7 +21,7 @@ from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
 from diffcore.training import fast_paths, throughput
-from diffcore.training.block_swap import swap_for_training
+from diffcore.training.block_swap import hold_on_host, swap_for_training
 from diffcore.training.compile import compile_for_training, compiled_metrics, log_compile
 from diffcore.training.deepspeed_config import deepspeed_config
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
@@ -140,6 +140,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     problems = method.validate(job)
     if problems:
         raise ConfigError(problems, source=job.source)
+    held = hold_on_host(job, model)  # train.blocks_to_swap: those blocks stay on the host
     model.to(dist.device)
     if cache is not None:
         with phases.phase("filling the cache", quiet=False):
@@ -172,7 +173,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     if not trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
     ctx.trainable = trainable
-    swap_for_training(ctx)  # train.blocks_to_swap: hooks on the swapped blocks, before compile
+    swap_for_training(ctx, held)  # train.blocks_to_swap: hooks on the swapped blocks, before compile
     container = TrainedModules(model, ctx.method_modules)
     names = parameter_names(container, trainable)
     compiled = compile_for_training(model, job.train)  # after block swap: its hooks stay eager
