@@ -84,6 +84,10 @@ class ProdigyConfig:
     growth_rate: float = attrs.field(default=math.inf, validator=_at_least_one)
     #: estimate D from every slice_p-th element (saves memory on large tensors)
     slice_p: int = attrs.field(default=1, validator=_at_least_one)
+    #: the optimizer state is split across processes (ZeRO 1-3 with several GPUs): D's sums are
+    #: all-reduced so every shard steps with the same D (prodigyopt's fsdp_in_use; CUDA only).
+    #: Without it each process estimates D from its own shard
+    sharded: bool = False
 
     @beta3.validator
     def _beta3(self, attribute: attrs.Attribute, value: float | None) -> None:

@@ -38,7 +38,7 @@ def prodigy(params: Iterable[Any], config: ProdigyConfig, lr: float) -> Any:
         params, lr=lr, betas=tuple(config.betas), beta3=config.beta3, eps=config.eps,
         weight_decay=config.weight_decay, decouple=config.decouple, use_bias_correction=config.use_bias_correction,
         safeguard_warmup=config.safeguard_warmup, d0=config.d0, d_coef=config.d_coef,
-        growth_rate=config.growth_rate, slice_p=config.slice_p,
+        growth_rate=config.growth_rate, slice_p=config.slice_p, fsdp_in_use=config.sharded,
     )  # fmt: skip
 
 

@@ -115,3 +115,11 @@ def test_each_factory_builds_its_library_optimizer(name: str) -> None:
     p.grad = torch.full_like(p, 0.5)
     optimizer.step()
     assert (p < 0).all()  # a positive gradient moved every weight down
+
+
+def test_prodigy_sharded_all_reduces_its_estimate() -> None:
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert factories.prodigy(params, ProdigyConfig(), 1.0).param_groups[0]["fsdp_in_use"] is False
+    assert factories.prodigy(params, ProdigyConfig(sharded=True), 1.0).param_groups[0]["fsdp_in_use"] is True
