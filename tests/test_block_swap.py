@@ -264,6 +264,23 @@ def test_load_state_dict_refreshes_the_host_copies():
     assert all(torch.equal(v, state[k]) for k, v in model.backbone.state_dict().items())
 
 
+def _lora_job(out, swap, checkpoint_every=1):
+    from tests.jobs import tiny_job
+
+    train = {
+        "steps": 2,
+        "checkpoint_every": checkpoint_every,
+        "gradient_checkpointing": True,
+        "blocks_to_swap": swap,
+    }
+    spec = tiny_job(out, train=train)
+    dit = {k: v for k, v in DIT.items() if k != "depth"}
+    spec["model"] = {"type": "dit", **dit, "depth": 3, "prediction_type": "flow"}
+    spec["scheduler"] = {"type": "flow"}
+    spec["adapter"] = {"type": "lora", "rank": 2}
+    return spec
+
+
 def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch):
     """The whole loop (DeepSpeed, LoRA, checkpointing, a checkpoint saved mid-run) with
     train.blocks_to_swap gives the same losses and adapter as without; ``diffcore sample
@@ -275,18 +292,10 @@ def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch
 
     from diffcore.commands.sample import add_sample_arguments, sample_command
     from diffcore.testing import run_job
-    from tests.jobs import tiny_job
 
     pytest.importorskip("deepspeed")
 
-    def job(out, swap):
-        spec = tiny_job(out, train={"steps": 2, "checkpoint_every": 1, "gradient_checkpointing": True,
-                                    "blocks_to_swap": swap})  # fmt: skip
-        dit = {k: v for k, v in DIT.items() if k != "depth"}
-        spec["model"] = {"type": "dit", **dit, "depth": 3, "prediction_type": "flow"}
-        spec["scheduler"] = {"type": "flow"}
-        spec["adapter"] = {"type": "lora", "rank": 2}
-        return spec
+    job = _lora_job
 
     from diffcore.training import block_swap, loop
 
@@ -494,3 +503,21 @@ def test_a_cast_of_the_offloaded_weights_is_followed():
     assert all(
         v.dtype == torch.float64 for v in model.backbone.state_dict().values() if v.is_floating_point()
     )
+
+
+@pytest.mark.slow
+def test_two_processes_with_swap_match_the_plain_run(tmp_path):
+    """Under torchrun each rank holds the swapped blocks on its host; a randomly initialised model
+    differs per rank until rank 0's weights are broadcast, the swapped blocks' included."""
+    from safetensors.torch import load_file
+
+    from diffcore.testing import run_job
+
+    pytest.importorskip("deepspeed")
+    plain = run_job(_lora_job(tmp_path / "plain", 0, 0), tmp_path / "plain", processes=2)
+    swapped = run_job(_lora_job(tmp_path / "swapped", 2, 0), tmp_path / "swapped", processes=2)
+    assert plain.returncode == swapped.returncode == 0, swapped.stderr[-2000:]
+    assert plain.losses == swapped.losses
+    a = load_file(str(plain.output_dir / "final" / "adapter.safetensors"))
+    b = load_file(str(swapped.output_dir / "final" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
