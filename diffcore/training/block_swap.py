@@ -6,6 +6,11 @@ Which blocks: the last N of ``model.repeated_blocks()`` counted over all its lis
 resident blocks in front then compute while the first swapped block is copied in, and the last
 block's forward is followed at once by its backward, so it stays on the device across that turn.
 
+Where they start: ``diffcore run`` holds them on the host through its ``model.to(device)``
+(:func:`hold_on_host`) and swaps them once the adapter is attached (:func:`swap_for_training`);
+``diffcore sample`` swaps them before it moves the model. Either way the swapped weights never sit
+on the device together. A model already on the device arms the swap at its first swapped forward.
+
 How (plain module hooks on each swapped block, outside any compiled block forward):
 
 - forward pre-hook: the block's weights are made resident (waiting for their prefetch) and the next
@@ -15,19 +20,21 @@ How (plain module hooks on each swapped block, outside any compiled block forwar
 - forward hook: the block is released; gradient hooks on its outputs bring it back before its
   backward starts and prefetch the block before it. Autograd saved views of the weights keep the
   device storage object, whose memory is freed (resized to 0) while offloaded and refilled in place,
-  so the saved tensors see the weights again. With activation checkpointing the recomputed forward
-  runs the pre-hook like any forward.
+  so the saved tensors see the weights again. A forward recomputed by activation checkpointing runs
+  the pre-hook like any other and keeps the block until its backward is over.
 - released: each tensor's ``.data`` is an empty placeholder of its dtype on the device (a stray read
-  fails with a shape error) and its storage holds no memory.
+  fails with a shape error) and its storage holds no memory. A cast of the placeholders (DeepSpeed's
+  bf16/fp16) is followed by the host copies.
 
 Trainable parameters (adapter branches) are never moved. ``state_dict()`` of a swapped block gives
 the host copies; ``load_state_dict`` refreshes them.
 
-Assumption: a swapped block's frozen weights are not changed in place while swapped (the host copy
-is the truth), and a block's backward uses its weights only on paths that reach its inputs (true of
-every diffcore backbone; an adapter-only branch through a second frozen layer would break it).
+Assumptions: a swapped block's frozen weights are not changed in place while swapped (the host copy
+is the truth); a block's backward uses its weights only on paths that reach its inputs (true of
+every diffcore backbone; an adapter-only branch through a second frozen layer would break it); and
+for bit-exact gradients a block adds its residual itself (one added outside would sum the input's
+gradient contributions in another order, equal up to rounding).
 """
-
 from __future__ import annotations
 
 import types
