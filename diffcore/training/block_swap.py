@@ -35,6 +35,7 @@ every diffcore backbone; an adapter-only branch through a second frozen layer wo
 for bit-exact gradients a block adds its residual itself (one added outside would sum the input's
 gradient contributions in another order, equal up to rounding).
 """
+
 from __future__ import annotations
 
 import types
