@@ -98,9 +98,14 @@ class OptimizerSpec(ComponentSpec):
     with ``True`` before it trains and ``False`` while it evaluates, samples, checkpoints or exports
     (see :meth:`diffcore.TrainContext.optimizer_evaluating`). It moves the weights in place, so
     DeepSpeed must run the optimizer unwrapped (ZeRO stage 0 without mixed precision; the loop says
-    so otherwise). None (the default): the weights are the same in both."""
+    so otherwise). None (the default): the weights are the same in both.
+
+    ``validate(job) -> list[Problem]``: what the optimizer cannot run with (its library missing, a
+    ZeRO stage or precision it cannot follow), found by ``diffcore validate`` and before a run loads
+    its model; None: nothing to check."""
 
     set_mode: Callable[[Any, bool], None] | None = None
+    validate: Callable[[Any], list[Any]] | None = None
 
 
 @attrs.frozen(kw_only=True)

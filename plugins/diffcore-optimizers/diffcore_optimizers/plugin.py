@@ -4,7 +4,7 @@ imported when its optimizer is built."""
 from __future__ import annotations
 
 import diffcore
-from diffcore_optimizers import factories
+from diffcore_optimizers import checks, factories
 from diffcore_optimizers.config import (
     AdafactorConfig,
     AdamW8bitConfig,
@@ -18,7 +18,7 @@ from diffcore_optimizers.config import (
 def diffcore_register_optimizers():
     return [
         diffcore.OptimizerSpec(
-            name="adamw8bit", config=AdamW8bitConfig, factory=factories.adamw8bit,
+            name="adamw8bit", config=AdamW8bitConfig, factory=factories.adamw8bit, validate=checks.adamw8bit,
             description="AdamW with 8-bit moments (bitsandbytes; pip install diffcore-optimizers[8bit])",
         ),
         diffcore.OptimizerSpec(
@@ -26,16 +26,16 @@ def diffcore_register_optimizers():
             description="Adafactor, factored second moments (torch)",
         ),
         diffcore.OptimizerSpec(
-            name="prodigy", config=ProdigyConfig, factory=factories.prodigy,
+            name="prodigy", config=ProdigyConfig, factory=factories.prodigy, validate=checks.prodigy,
             description="Prodigy, Adam that learns its step size (prodigyopt; train.lr 1.0)",
         ),
         diffcore.OptimizerSpec(
             name="schedulefree_adamw", config=ScheduleFreeAdamWConfig, factory=factories.schedulefree_adamw,
-            set_mode=factories.schedulefree_mode,
+            set_mode=factories.schedulefree_mode, validate=checks.schedulefree_adamw,
             description="schedule-free AdamW (schedulefree; constant lr, ZeRO 0 without mixed precision)",
         ),
         diffcore.OptimizerSpec(
-            name="lion", config=LionConfig, factory=factories.lion,
+            name="lion", config=LionConfig, factory=factories.lion, validate=checks.lion,
             description="Lion, sign updates (lion-pytorch)",
         ),
     ]  # fmt: skip

@@ -3,6 +3,7 @@ error naming the pip package, and the entry module stays light."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import diffcore_dit.plugin
@@ -17,19 +18,31 @@ from diffcore_optimizers.config import (
     ScheduleFreeAdamWConfig,
 )
 
-from diffcore import ConfigError, UserError
+from diffcore import ConfigError, Problem, UserError
 from diffcore.config.job import structure_job
-from diffcore.testing import assert_entry_points_light, plugins_registered
+from diffcore.testing import assert_entry_points_light, plugins_registered, run_cli
 
 NAMES = ["adamw8bit", "adafactor", "prodigy", "schedulefree_adamw", "lion"]
 
 
-def problems(optimizer: dict) -> dict[str, str]:
-    job = {"model": {"type": "dit"}, "method": {"type": "diffusion"}, "data": {"type": "synthetic"},
-           "train": {"optimizer": optimizer}}  # fmt: skip
+PLUGIN_PATHS = ["diffcore_dit.plugin", "diffcore_optimizers.plugin"]
+
+
+def tiny_job(optimizer: dict, **train: object) -> dict:
+    return {"model": {"type": "dit", "hidden_size": 32, "depth": 2, "num_heads": 2, "input_size": 16},
+            "method": {"type": "diffusion"}, "data": {"type": "synthetic", "resolution": 16, "size": 8},
+            "train": {"batch_size": 4, "optimizer": optimizer, **train}}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def registered():
     with plugins_registered(diffcore_dit.plugin, diffcore_optimizers.plugin):
-        with pytest.raises(ConfigError) as err:
-            structure_job(job)
+        yield
+
+
+def problems(optimizer: dict) -> dict[str, str]:
+    with pytest.raises(ConfigError) as err:
+        structure_job(tiny_job(optimizer))
     return {p.path: p.message for p in err.value.problems}
 
 
@@ -42,6 +55,8 @@ def test_registered_names() -> None:
     assert [s.name for s in specs] == NAMES
     # only schedule-free moves the weights between a training and an evaluation point
     assert [s.name for s in specs if s.set_mode is not None] == ["schedulefree_adamw"]
+    # torch's Adafactor needs no library of its own
+    assert [s.name for s in specs if s.validate is None] == ["adafactor"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -89,14 +104,47 @@ def test_defaults_are_valid() -> None:
 def test_a_missing_library_names_the_pip_package(monkeypatch, factory, config, module, install) -> None:
     import torch
 
+    name = factory.__name__
+    spec = {s.name: s for s in diffcore_optimizers.plugin.diffcore_register_optimizers()}[name]
+    job = structure_job(tiny_job({"type": name}))
+    assert spec.validate(job) == []
     monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import
+    says = f"the {name} optimizer needs the Python package {module}, which is not installed"
+    # found before the model loads (diffcore validate, the run's start), without importing it
+    assert spec.validate(job) == [Problem("$.train.optimizer.type", f"{says} ({install})")]
+    # and where the optimizer is built
     with pytest.raises(UserError) as err:
         factory([torch.nn.Parameter(torch.zeros(2))], config, 1e-3)
-    text = str(err.value)
-    assert "\n" not in text
-    assert text.startswith("$.train.optimizer.type: ")
-    assert f"needs the Python package {module}, which is not installed" in text
-    assert text.endswith(f"({install})")
+    assert str(err.value) == f"$.train.optimizer.type: {says} ({install})"
+
+
+def test_diffcore_validate_exits_2_naming_the_package(tmp_path) -> None:
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(tiny_job({"type": "adamw8bit"})))
+    result = run_cli("validate", str(job), plugins=PLUGIN_PATHS, pythonpath=[hide])
+    assert result.returncode == 2, result.stderr
+    assert (
+        "$.train.optimizer.type: the adamw8bit optimizer needs the Python package bitsandbytes, which is not "
+        "installed (pip install diffcore-optimizers[8bit])"
+    ) in result.stderr
+    ok = run_cli("validate", str(job), plugins=PLUGIN_PATHS)
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    ("train", "named"),
+    [({"deepspeed": {"zero_stage": 2}}, "zero_stage 2, mixed_precision no"), ({"mixed_precision": "bf16"}, "zero_stage 0, mixed_precision bf16")],
+)
+def test_schedulefree_refuses_master_weight_setups_before_loading(train: dict, named: str) -> None:
+    spec = {s.name: s for s in diffcore_optimizers.plugin.diffcore_register_optimizers()}["schedulefree_adamw"]
+    assert spec.validate(structure_job(tiny_job({"type": "schedulefree_adamw"}))) == []
+    job = structure_job(tiny_job({"type": "schedulefree_adamw"}, **train))
+    [problem] = spec.validate(job)
+    assert problem.path == "$.train.optimizer.type"
+    assert f"would not follow ({named}): use train.deepspeed.zero_stage: 0" in problem.message
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import attrs
 import diffcore_dit.plugin
 import diffcore_optimizers.plugin
 import pytest
@@ -16,7 +17,8 @@ import torch
 from diffcore_optimizers.config import ScheduleFreeAdamWConfig
 from safetensors.torch import load_file
 
-from diffcore import UserError
+import diffcore
+from diffcore import ConfigError, UserError
 from diffcore.testing import fake_context, run_job
 
 PLUGINS = [diffcore_dit.plugin, diffcore_optimizers.plugin]
@@ -122,11 +124,26 @@ def test_schedulefree_evaluates_at_its_average() -> None:
     optimizer.step()  # back in training mode: schedulefree refuses to step otherwise
 
 
+class Unchecked:
+    """schedule-free without its validate: what the loop itself does with such an optimizer."""
+
+    @diffcore.hookimpl
+    def diffcore_register_optimizers(self):
+        specs = {s.name: s for s in diffcore_optimizers.plugin.diffcore_register_optimizers()}
+        return [attrs.evolve(specs["schedulefree_adamw"], name="unchecked_schedulefree", validate=None)]
+
+
 @pytest.mark.slow
 def test_schedulefree_is_refused_where_deepspeed_keeps_master_weights(tmp_path: Path) -> None:
     job = quickstart_job("schedulefree_adamw", 1, deepspeed={"zero_stage": 1})
+    with pytest.raises(ConfigError) as err:  # by its validate, before the model loads
+        run_job(job, tmp_path / "checked", plugins=PLUGINS)
+    assert [p.path for p in err.value.problems] == ["$.train.optimizer.type"]
+    # the loop's own check, for an optimizer with set_mode that does not validate: DeepSpeed's engine
+    # steps a ZeRO wrapper, not the optimizer the factory built
+    job["train"]["optimizer"]["type"] = "unchecked_schedulefree"
     with pytest.raises(UserError) as err:
-        run_job(job, tmp_path / "zero1", plugins=PLUGINS)
+        run_job(job, tmp_path / "unchecked", plugins=[*PLUGINS, Unchecked()])
     text = str(err.value)
-    assert text.startswith("$.train.optimizer.type: the schedulefree_adamw optimizer moves the weights")
+    assert text.startswith("$.train.optimizer.type: the unchecked_schedulefree optimizer moves the weights")
     assert "zero_stage: 0 and train.mixed_precision: no" in text
