@@ -80,9 +80,13 @@ class Branch(nn.Module):
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
 
-    def _skip(self) -> bool:
-        # Module dropout draws from torch's global RNG so a resumed run repeats the same draws.
-        return self.training and self.module_dropout > 0 and bool(torch.rand(()) < self.module_dropout)
+    def _kept(self) -> torch.Tensor | None:
+        """Module dropout: None when off, else 1.0 (kept) or 0.0 (dropped this call) as a tensor that
+        scales the update, so there is no host sync per layer and no graph break in a compiled block."""
+        if not (self.training and self.module_dropout > 0):
+            return None
+        # drawn from torch's global RNG so a resumed run repeats the same draws
+        return (torch.rand(()) >= self.module_dropout).float()
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -180,9 +184,10 @@ class LoraBranch(Branch):
         self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
         """``out`` (the base layer's output for ``x``) plus this branch's update."""
-        if self._skip():
-            return out
+        kept = self._kept()
         h = self._low_rank(x).to(out.dtype)
+        if kept is not None:
+            h = h * kept.to(h.dtype)
         up = self.lora_up.to(out.dtype)
         gain = self.scale * self.strength
         if self.is_conv:
@@ -228,8 +233,7 @@ class DoraBranch(LoraBranch):
     def forward(
         self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
-        if self._skip():
-            return out
+        kept = self._kept()
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
             base = layer._base_op(x, weight, None)
@@ -246,6 +250,8 @@ class DoraBranch(LoraBranch):
         norm = _row_norm(w + self.scale * self.lora_weight().detach().to(w.dtype)).detach()
         ratio = self._view(self.magnitude.to(x.dtype) / norm, out)
         term = (ratio - 1) * base + ratio * lora.to(out.dtype) * self.scale
+        if kept is not None:
+            term = term * kept.to(term.dtype)
         return out + term if self.strength == 1.0 else out + self.strength * term
 
     def merged_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +305,10 @@ class _WeightSpaceBranch(Branch):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` plus this branch's delta at its strength."""
-        if self._skip():
-            return weight
+        kept = self._kept()
         delta = self.build()
+        if kept is not None:
+            delta = delta * kept.to(delta.dtype)
         if self.rank_dropout and self.training:
             # LyCORIS drops whole output rows of the delta.
             keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
