@@ -110,6 +110,17 @@ class _EndOfBackward(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _host_buffer(shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Pinned host memory (what an asynchronous copy to the GPU needs), or pageable memory where the
+    system will not pin that much: the copies then wait for the host, the results are the same."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
 def block_count(model: Any) -> int:
     """How many repeated blocks ``model`` declares (over all its ``repeated_blocks()`` lists)."""
     return len(_declared_blocks(model.backbone, model.repeated_blocks()))
@@ -158,7 +169,7 @@ class BlockSwap:
         for b in self.blocks:
             for t in b.tensors:
                 data = t.tensor.data
-                t.host = torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
+                t.host = _host_buffer(data.shape, data.dtype, pin)
                 t.host.copy_(data)
                 # a buffer of its own (the loaded tensor may be a view into a shared one), freed at once
                 t.device = torch.empty(data.shape, dtype=data.dtype, device=self.device)
@@ -216,8 +227,9 @@ class BlockSwap:
         """Follow a cast of the offloaded tensor (DeepSpeed's bf16/fp16 cast replaces every
         parameter's ``.data``, placeholders included): the host copy takes the new dtype."""
         dtype = t.tensor.dtype
-        host = t.host.to(dtype)
-        t.host = host.pin_memory() if t.host.is_pinned() else host
+        host = _host_buffer(t.host.shape, dtype, t.host.is_pinned())
+        host.copy_(t.host)
+        t.host = host
         t.device = torch.empty(t.host.shape, dtype=dtype, device=self.device)
         t.storage = t.device.untyped_storage()
         t.nbytes = t.storage.nbytes()
