@@ -167,7 +167,7 @@ def main() -> None:
     for name, steps, sampler, guidance, figures in rows:
         gap = figures["form"] - reference["form"]
         print(f"| {name} | {steps} | {sampler} | {guidance:g} | {figures['class']:.3f} | {figures['form']:.3f} | {gap:+.3f} |")
-    (args.work / "quality.json").write_text(json.dumps(
+    (args.work / f"quality-{'-'.join(methods) or 'teacher'}.json").write_text(json.dumps(
         [{"model": n, "steps": s, "sampler": sm, "guidance": g, **f} for n, s, sm, g, f in rows], indent=2))  # fmt: skip
 
 
