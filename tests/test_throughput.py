@@ -167,3 +167,26 @@ def test_channels_last_goes_to_convolutional_modules_only():
     assert fast_paths.use_channels_last("auto", torch.device("cpu")) is False
     assert fast_paths.use_channels_last("auto", torch.device("cuda")) is True
     assert fast_paths.use_channels_last(True, torch.device("cpu")) is True
+
+
+def test_fp32_zero0_clips_in_the_loop_as_deepspeed_clips_under_zero1(tmp_path):
+    """Without ZeRO in fp32 the loop clips with torch's foreach kernels instead of DeepSpeed (which
+    all-reduces the norm even alone): the same losses as DeepSpeed's own clipping under ZeRO-1, and
+    clipping that bites (SGD, so the update scales with the clipped gradient)."""
+    pytest.importorskip("diffcore_dit")
+    from diffcore.training.deepspeed_config import deepspeed_config, loop_clips_gradients
+
+    def losses(name, grad_clip, stage):
+        train = {"steps": 2, "batch_size": 4, "checkpoint_every": 0, "lr": 0.5, "grad_clip": grad_clip,
+                 "optimizer": {"type": "sgd"}, "deepspeed": {"zero_stage": stage}}  # fmt: skip
+        job = tiny_job(tmp_path / name, train=train, callbacks=[{"type": "progress", "enabled": False}])
+        job["model"], job["scheduler"] = dict(DIT), {"type": "flow"}
+        parsed = structure_job(job)
+        assert loop_clips_gradients(parsed) == (stage == 0 and grad_clip is not None)
+        assert deepspeed_config(parsed, 1)["gradient_clipping"] == (0.0 if stage == 0 else grad_clip)
+        out = run_job(parsed).output_dir
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ours, deepspeeds, unclipped = losses("loop", 1e-3, 0), losses("zero1", 1e-3, 1), losses("free", None, 0)
+    assert ours == pytest.approx(deepspeeds, rel=1e-5)
+    assert abs(ours[-1] - unclipped[-1]) > 1e-3 * abs(unclipped[-1])

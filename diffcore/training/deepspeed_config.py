@@ -7,6 +7,14 @@ from typing import Any
 from diffcore.config.job import Job, deep_merge
 
 
+def loop_clips_gradients(job: Job) -> bool:
+    """Whether the loop clips the gradients itself: in fp32 without ZeRO, DeepSpeed clips tensor by
+    tensor and all-reduces the norm even in one process (a host round trip per step); with mixed
+    precision or ZeRO its optimizer wrappers clip their flat buffers, and it keeps doing so."""
+    train = job.train
+    return bool(train.grad_clip) and train.mixed_precision == "no" and train.deepspeed.zero_stage == 0
+
+
 def deepspeed_config(job: Job, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
     """``load_universal``: the engine will resume from a universal checkpoint (another world size)."""
     train = job.train
@@ -20,7 +28,8 @@ def deepspeed_config(job: Job, world_size: int, *, load_universal: bool = False)
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation,
         "train_batch_size": train.batch_size * train.gradient_accumulation * world_size,
-        "gradient_clipping": float(train.grad_clip or 0.0),
+        # fp32 ZeRO-0: the loop clips with torch's foreach kernels (loop_clips_gradients)
+        "gradient_clipping": 0.0 if loop_clips_gradients(job) else float(train.grad_clip or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": train.mixed_precision == "bf16"},
         "fp16": {"enabled": train.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},

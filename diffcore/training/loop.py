@@ -24,7 +24,7 @@ from diffcore.training import checkpoint as ckpt
 from diffcore.training import fast_paths, throughput
 from diffcore.training.block_swap import hold_on_host, swap_for_training
 from diffcore.training.compile import compile_for_training, compiled_metrics, log_compile
-from diffcore.training.deepspeed_config import deepspeed_config
+from diffcore.training.deepspeed_config import deepspeed_config, loop_clips_gradients
 from diffcore.training.distributed import all_mean, all_true, barrier, init_distributed, is_collective_timeout
 from diffcore.training.ema import EMA
 from diffcore.training.interrupt import RunInterrupted, StopRequest
@@ -353,6 +353,8 @@ def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, pha
         # one process has nothing to average: DeepSpeed would still copy every gradient into a flat
         # buffer, "all-reduce" it with itself and copy it back each step (its own no-backend path)
         engine.enable_backward_allreduce = False
+    # fp32 without ZeRO: torch's foreach clip here instead of DeepSpeed's (see loop_clips_gradients)
+    clip = job.train.grad_clip if loop_clips_gradients(job) else None
     window = LossWindow(ctx.device)
     window_start, window_samples = time.time(), 0
     meter = throughput.for_run(ctx)
@@ -367,6 +369,8 @@ def _train_steps(ctx: TrainContext, callbacks: list[Any], stop: StopRequest, pha
             loss, logs = ctx.method.loss(ctx, batch)
             window.add_micro(loss, logs, ctx.step + 1, 1.0 / gas)
             engine.backward(loss)
+            if clip is not None and micro == gas - 1:  # the accumulation boundary: whole, reduced gradients
+                torch.nn.utils.clip_grad_norm_(ctx.trainable, clip, foreach=True)
             engine.step()
             ctx.sampler.position += 1
         ctx.step += 1
