@@ -1,6 +1,7 @@
 """Block swap (train.blocks_to_swap): training with the last N blocks' frozen weights swapped in and out
-gives the same losses, gradients and weights, bit for bit in fp32, as without; at most two swapped
-blocks hold real weights at once; bad counts are one-line errors."""
+gives the same losses, gradients and weights, bit for bit in fp32, as without (DiT, SD1.5-, Flux.1-,
+SD3- and Flux.2-shaped backbones); at most two swapped blocks hold real weights at once; bad counts
+are one-line errors."""
 
 from __future__ import annotations
 
@@ -31,8 +32,31 @@ SD15 = dict(
 )  # fmt: skip
 
 
+SD3 = dict(
+    load_encoders=False, variant="medium", hidden_size=32, num_heads=2, depth=4, in_channels=4, pooled_dim=16,
+    context_dim=16, pos_embed_max_size=8, sample_size=8, qk_norm=True, dual_attention_layers=[0, 1],
+)  # fmt: skip
+FLUX2 = dict(
+    load_encoders=False, variant="dev",
+    shape=dict(hidden_size=32, num_heads=2, depth=2, depth_single=3, axes_dim=[4, 4, 4, 4], in_channels=16,
+               context_in_dim=48),
+)  # fmt: skip
+
+
 def _inputs(arch: str, step: int) -> tuple[Any, ...]:
     g = torch.Generator().manual_seed(100 + step)
+    if arch == "sd3":
+        return (
+            torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.3, 0.7]), torch.randn(2, 5, 16, generator=g),
+            torch.randn(2, 16, generator=g),
+        )  # fmt: skip
+    if arch == "flux2":
+        ids, text_ids = torch.zeros(6, 4), torch.zeros(4, 4)
+        ids[:, 1], text_ids[:, 3] = torch.arange(6.0), torch.arange(4.0)
+        return (
+            torch.randn(2, 6, 16, generator=g), ids, torch.randn(2, 4, 48, generator=g), text_ids,
+            torch.tensor([0.3, 0.7]), torch.tensor([1.0, 2.0]),
+        )  # fmt: skip
     if arch == "dit":
         return torch.randn(2, 3, 8, 8, generator=g), torch.tensor([3.0, 700.0]), torch.tensor([1, 3])
     if arch == "sd15":
@@ -52,7 +76,7 @@ def _inputs(arch: str, step: int) -> tuple[Any, ...]:
 
 def _model(arch: str) -> Any:
     torch.manual_seed(0)
-    options = {"dit": DIT, "flux": FLUX, "sd15": SD15}[arch]
+    options = {"dit": DIT, "flux": FLUX, "sd15": SD15, "sd3": SD3, "flux2": FLUX2}[arch]
     model = diffcore.load_model(arch, **options)
     with torch.no_grad():  # larger than the zero-initialised gates so every block moves the output
         for p in model.backbone.parameters():
@@ -147,6 +171,8 @@ def _assert_same(plain: dict[str, Any], swapped: dict[str, Any]) -> None:
         ("sd15", "lora", True),
         ("flux", "lora", False),
         ("flux", "lokr", True),
+        ("sd3", "lora", True),  # MMDiT-X: dual attention, qk norm
+        ("flux2", "lora", False),  # modulation shared by every block, computed outside them
     ],
 )
 def test_swap_is_exact(arch, adapter, checkpointing):
