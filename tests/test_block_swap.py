@@ -375,6 +375,8 @@ def test_run_job_and_sample_with_swap_match_the_plain_ones(tmp_path, monkeypatch
     assert torch.equal(sample(tmp_path / "s0"), sample(tmp_path / "s2", "--blocks-to-swap", "2"))
     with pytest.raises(UserError, match="4 blocks to swap, but the model has 3"):
         sample(tmp_path / "s4", "--blocks-to-swap", "4")
+    with pytest.raises(UserError, match="--blocks-to-swap: must be at least 0, got -1"):
+        sample(tmp_path / "s-1", "--blocks-to-swap", "-1")
 
 
 @pytest.mark.skipif(
