@@ -25,7 +25,7 @@ def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int
     """The spatial size a Conv2d gives for a (height, width) input."""
     if conv.padding == "same":
         return height, width
-    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    padding = (0, 0) if isinstance(conv.padding, str) else tuple(conv.padding)  # "valid"
     sizes = [
         (size + 2 * int(p) - d * (k - 1) - 1) // s + 1
         for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, padding, conv.dilation)

@@ -31,9 +31,10 @@ def _adamw(params, config: AdamWConfig, lr: float):
     from diffcore.training.fast_paths import adamw_kernels
 
     params = list(params)
+    kernels = adamw_kernels(params, config.fused, config.foreach)
     return torch.optim.AdamW(
         params, lr=lr, betas=(config.betas[0], config.betas[1]), eps=config.eps, weight_decay=config.weight_decay,
-        **adamw_kernels(params, config.fused, config.foreach),
+        fused=kernels["fused"], foreach=kernels["foreach"],
     )  # fmt: skip
 
 

@@ -75,7 +75,7 @@ def to_channels_last(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module
     converted = []
     for module in modules:
         if is_convolutional(module):
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (missing from torch's stub)
             converted.append(module)
     return converted
 
