@@ -96,9 +96,10 @@ class OptimizerSpec(ComponentSpec):
     ``set_mode(optimizer, training)``: for an optimizer whose weights differ between training and
     evaluation (schedule-free methods train at one point and evaluate at another): the loop calls it
     with ``True`` before it trains and ``False`` while it evaluates, samples, checkpoints or exports
-    (see :meth:`diffcore.TrainContext.optimizer_evaluating`). It moves the weights in place, so
-    DeepSpeed must run the optimizer unwrapped (ZeRO stage 0 without mixed precision; the loop says
-    so otherwise). None (the default): the weights are the same in both.
+    (see :meth:`diffcore.TrainContext.optimizer_evaluating`). It moves the weights it steps in place:
+    the module's own (ZeRO 0 without mixed precision) or DeepSpeed's fp32 partitions (ZeRO 1-2), which
+    the loop then copies into the module; other setups are refused. None (the default): the weights
+    are the same in both.
 
     ``validate(job) -> list[Problem]``: what the optimizer cannot run with (its library missing, a
     ZeRO stage or precision it cannot follow), found by ``diffcore validate`` and before a run loads

@@ -270,17 +270,29 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
 
 def _optimizer_mode(spec: Any, optimizer: Any, engine: Any, name: str) -> Callable[[bool], None] | None:
     """The optimizer's ``set_mode`` bound to it (None when it has one set of weights). It moves the
-    weights in place, so DeepSpeed must step this very optimizer on the module's own parameters."""
+    weights the optimizer steps: the module's own, or under ZeRO 1-2 DeepSpeed's fp32 partition, which
+    is then copied into the module (every rank takes part, as DeepSpeed gathers the partitions)."""
     if spec.set_mode is None:
         return None
-    if engine.optimizer is not optimizer:
+    if engine.optimizer is optimizer:
+        return functools.partial(spec.set_mode, optimizer)
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, (BF16_Optimizer, DeepSpeedZeroOptimizer)):
         raise UserError(
             f"the {name} optimizer moves the weights between its training and evaluation points, which "
-            "DeepSpeed's master copy of them (ZeRO stages 1-3, bf16/fp16 mixed precision) would not follow",
+            f"DeepSpeed's {type(wrapper).__name__} (ZeRO-3, or mixed precision at ZeRO stage 0) would not follow",
             where="$.train.optimizer.type",
-            hint="use train.deepspeed.zero_stage: 0 and train.mixed_precision: no, or another optimizer",
+            hint="use train.deepspeed.zero_stage 1 or 2 (one GPU too), or zero_stage 0 with mixed_precision: no",
         )
-    return functools.partial(spec.set_mode, optimizer)
+
+    def set_mode(training: bool) -> None:
+        spec.set_mode(optimizer, training)
+        wrapper.update_lp_params()
+
+    return set_mode
 
 
 def _check_precision(job: Job, device: torch.device) -> None:

@@ -32,7 +32,7 @@ def diffcore_register_optimizers():
         diffcore.OptimizerSpec(
             name="schedulefree_adamw", config=ScheduleFreeAdamWConfig, factory=factories.schedulefree_adamw,
             set_mode=factories.schedulefree_mode, validate=checks.schedulefree_adamw,
-            description="schedule-free AdamW (schedulefree; constant lr, ZeRO 0 without mixed precision)",
+            description="schedule-free AdamW (schedulefree; constant lr; not ZeRO-3)",
         ),
         diffcore.OptimizerSpec(
             name="lion", config=LionConfig, factory=factories.lion, validate=checks.lion,

@@ -136,7 +136,8 @@ def test_diffcore_validate_exits_2_naming_the_package(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("train", "named"),
-    [({"deepspeed": {"zero_stage": 2}}, "zero_stage 2, mixed_precision no"), ({"mixed_precision": "bf16"}, "zero_stage 0, mixed_precision bf16")],
+    [({"deepspeed": {"zero_stage": 3}}, "zero_stage 3 with mixed_precision no"),
+     ({"mixed_precision": "bf16"}, "zero_stage 0 with mixed_precision bf16")],
 )
 def test_schedulefree_refuses_master_weight_setups_before_loading(train: dict, named: str) -> None:
     spec = {s.name: s for s in diffcore_optimizers.plugin.diffcore_register_optimizers()}["schedulefree_adamw"]
@@ -144,7 +145,9 @@ def test_schedulefree_refuses_master_weight_setups_before_loading(train: dict, n
     job = structure_job(tiny_job({"type": "schedulefree_adamw"}, **train))
     [problem] = spec.validate(job)
     assert problem.path == "$.train.optimizer.type"
-    assert f"would not follow ({named}): use train.deepspeed.zero_stage: 0" in problem.message
+    assert f"would not follow at {named}: use train.deepspeed.zero_stage 1 or 2" in problem.message
+    for fine in ({"deepspeed": {"zero_stage": 1}, "mixed_precision": "bf16"}, {"deepspeed": {"zero_stage": 2}}):
+        assert spec.validate(structure_job(tiny_job({"type": "schedulefree_adamw"}, **fine))) == []
 
 
 @pytest.mark.parametrize("name", NAMES)
