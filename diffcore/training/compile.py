@@ -150,6 +150,11 @@ def compile_backbone(
             f"unknown compile mode {mode!r}", where="$.train.compile", hint="use false, blocks or full"
         )
 
+    # One compiled forward serves every block of its class: its graphs multiply over the class's
+    # widths (a UNet's levels), grad modes (training, sampling) and shape changes, past dynamo's
+    # default of 8 per function, after which it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
     def compiler(fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.compile(fn, backend=backend, dynamic=dynamic)
 
