@@ -113,6 +113,10 @@ def test_buckets_and_ranks_are_counted_per_shape_and_unknown_flops_give_no_mfu()
     figures = blind.figures(1.0)
     assert "tflops" not in figures and "mfu" not in figures and figures["tokens_per_sec"] == 64
 
+    blind.count({"captions": ["a batch this counter cannot size"]})
+    figures = blind.figures(1.0)
+    assert "tokens_per_sec" not in figures and figures["peak_mem_mib"] > 0
+
 
 def test_the_progress_bar_shows_mfu_and_peak_memory_when_known():
     logs = {"loss": 0.5, "lr": 1e-4, "mfu": 0.4123, "peak_mem_mib": 2048.0}

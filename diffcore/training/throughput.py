@@ -75,12 +75,15 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def latent_shape(batch: Mapping[str, Any], channels: int, downscale: int) -> tuple[int, tuple[int, ...]]:
+def latent_shape(batch: Mapping[str, Any], channels: int, downscale: int) -> tuple[int, tuple[int, ...]] | None:
     """The samples in a collated batch and (C, H, W) of one sample's latents as the backbone sees
-    them, from the batch's tensor shapes (host metadata: nothing is read from a device)."""
+    them, from the batch's tensor shapes (host metadata: nothing is read from a device); None for a
+    batch with neither ``latents`` nor ``pixels``."""
     if "latents" in batch:
         latents = batch["latents"].shape
         return int(latents[0]), tuple(int(d) for d in latents[1:])
+    if "pixels" not in batch:
+        return None
     pixels = batch["pixels"].shape
     return int(pixels[0]), (channels, int(pixels[-2]) // downscale, int(pixels[-1]) // downscale)
 
@@ -109,11 +112,17 @@ class Throughput:
     channels: int = attrs.field(default=attrs.Factory(lambda self: self.model.latent_channels, takes_self=True))
     downscale: int = attrs.field(default=attrs.Factory(lambda self: self.model.latent_downscale, takes_self=True))
     _shapes: dict[tuple[int, ...], int] = attrs.field(factory=dict)
+    #: a batch of this window had no latents or pixels to count: no token or FLOP figures
+    _blind: bool = False
     _per_shape: dict[tuple[int, ...], tuple[int, float | None]] = attrs.field(factory=dict)
 
     def count(self, batch: Mapping[str, Any]) -> None:
         """One micro-batch this rank trains on (a collated batch with ``pixels`` or ``latents``)."""
-        samples, shape = latent_shape(batch, self.channels, self.downscale)
+        counted = latent_shape(batch, self.channels, self.downscale)
+        if counted is None:
+            self._blind = True
+            return
+        samples, shape = counted
         self._shapes[shape] = self._shapes.get(shape, 0) + samples
 
     def figures(self, seconds: float) -> dict[str, float]:
@@ -128,10 +137,10 @@ class Throughput:
                 known = False
             else:
                 flops += forward * self.passes * samples
-        self._shapes = {}
+        blind, self._shapes, self._blind = self._blind, {}, False
         seconds = max(seconds, 1e-9)
-        out = {"tokens_per_sec": tokens * self.world_size / seconds}
-        if known and flops:
+        out = {} if blind else {"tokens_per_sec": tokens * self.world_size / seconds}
+        if known and flops and not blind:
             tflops = flops * self.world_size / seconds / 1e12
             out["tflops"] = tflops
             if self.peak is not None:
