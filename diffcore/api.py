@@ -9,7 +9,9 @@ from typing import Any
 import attrs
 
 from diffcore.config.structure import structure
-from diffcore.errors import ConfigError, Problem
+from diffcore.errors import ConfigError, Problem, UserError
+from diffcore.quantize.active import paused
+from diffcore.quantize.modes import MODES
 from diffcore.registry import get_registry
 
 
@@ -23,6 +25,15 @@ def build_component(kind: str, name: str, options: Mapping[str, Any] | None = No
     """Build component ``name`` of ``kind`` from plain options (as a job section would)."""
     entry = get_registry().get(kind, name)
     config = options if attrs.has(type(options)) else component_config(kind, name, options)
+    if kind == "autoencoder":
+        # the autoencoder a model's factory builds for itself loads at full precision:
+        # model.quantize covers the backbone and the text encoders
+        with paused():
+            return _build(entry, kind, name, config, args)
+    return _build(entry, kind, name, config, args)
+
+
+def _build(entry: Any, kind: str, name: str, config: Any, args: tuple[Any, ...]) -> Any:
     if kind == "dataset":
         # composite datasets (mix) build their nested sections through this, not the global registry
         built = entry.spec.factory(config, functools.partial(build_section, "dataset"))
@@ -45,12 +56,29 @@ def build_section(kind: str, section: Mapping[str, Any], where: str) -> Any:
     return build_component(kind, name, config)
 
 
-def load_model(type: str, pretrained: str | None = None, **options: Any) -> Any:
+def load_model(type: str, pretrained: str | None = None, *, quantize: str = "none", **options: Any) -> Any:
     """A model by its registered name: from a diffusers folder, an original single file, or random
-    init (``pretrained=None``). Options are the model's config keys."""
+    init (``pretrained=None``). Options are the model's config keys; ``quantize`` is the kernel's
+    ``model.quantize`` (``none``, ``int8``, ``fp8``, ``nf4``)."""
     if pretrained is not None:
         options["pretrained"] = str(pretrained)
-    return build_component("model", type, options)
+    return build_model(type, options, quantize=quantize)
+
+
+def build_model(
+    name: str, options: Any, *, quantize: str = "none", device: Any = None, mixed_precision: str = "no"
+) -> Any:
+    """Model ``name`` built from its options or structured config, its frozen base quantised as it
+    loads when ``quantize`` is not ``none`` (a job's ``model.quantize``; ``device``: where it will
+    run, checked against what the mode's library supports; ``mixed_precision``: the job's
+    ``train.mixed_precision``)."""
+    if quantize == "none":
+        return build_component("model", name, options)
+    if quantize not in MODES:
+        raise UserError(f"must be one of {', '.join(MODES)}, got {quantize!r}", where="$.model.quantize")
+    from diffcore.quantize.build import build_quantized
+
+    return build_quantized(quantize, lambda: build_component("model", name, options), device, mixed_precision)
 
 
 def load_autoencoder(family: str, pretrained: str | None = None, **options: Any) -> Any:

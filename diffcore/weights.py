@@ -21,6 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffcore.errors import UserError
+from diffcore.quantize.active import current
+from diffcore.quantize.reading import read_tensors
+from diffcore.quantize.streaming import streamed
+from diffcore.quantize.tensors import install
 
 _NAMES = ("diffusion_pytorch_model", "model")
 
@@ -87,6 +91,10 @@ class Checkpoint:
             if key.startswith(prefix):
                 by_file.setdefault(file, []).append(key)
         for file, keys in by_file.items():
+            if current() is not None:
+                # a quantised load: no mapping of the file stays resident while it streams
+                yield from ((key[len(prefix) :], tensor) for key, tensor in read_tensors(file, keys))
+                continue
             with safe_open(str(file), framework="pt") as f:
                 for key in keys:
                     yield key[len(prefix) :], f.get_tensor(key)
@@ -139,7 +147,13 @@ def load_into(
         cast = dtype if (dtype is not None and value.is_floating_point()) else (
             target.dtype if value.is_floating_point() else value.dtype
         )
-        _assign(module, name, value.to(device=device, dtype=cast))
+        value = value.to(device=device, dtype=cast)
+        # under model.quantize, a selected Linear weight is stored quantised as soon as it is read
+        quantized = streamed(module, name, value)
+        if quantized is None:
+            _assign(module, name, value)
+        else:
+            install(module, name, quantized)
         seen.add(name)
     missing = [k for k in own if k not in seen]
     persistent_missing = [k for k in missing if not _is_nonpersistent_buffer(module, k)]

@@ -22,6 +22,7 @@ from diffcore.config.structure import ExpectedError, structure, unstructure
 from diffcore.config.yaml_bounded import YAMLTooLarge, load_yaml
 from diffcore.errors import ConfigError, Problem, UserError
 from diffcore.kinds import KINDS
+from diffcore.quantize.modes import MODES
 from diffcore.training.fast_paths import check_sdpa_backends
 
 TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
@@ -50,9 +51,15 @@ class Section:
 
     type: str
     config: Any
+    #: the model section's kernel-level ``quantize`` key (``none|int8|fp8|nf4``, diffcore.quantize):
+    #: read by the kernel for every architecture, never part of a plugin's config
+    quantize: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **unstructure(self.config)}
+        out = {"type": self.type, **unstructure(self.config)}
+        if self.quantize != "none":
+            out["quantize"] = self.quantize
+        return out
 
 
 def _at_least(low: float):
@@ -333,6 +340,10 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
             problems.append(Problem(path, f"expected a mapping with a type: key, got {type(raw).__name__}"))
             return None
         raw = dict(raw)
+        quantize = raw.pop("quantize", "none") if key == "model" and path == "$.model" else "none"
+        if quantize not in MODES:
+            problems.append(Problem(f"{path}.quantize", f"must be one of {', '.join(MODES)}, got {quantize!r}"))
+            return None
         name = raw.pop("type", None)
         if not isinstance(name, str) or not name:
             installed = ", ".join(registry.names(kind)) or "none installed"
@@ -347,7 +358,7 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
         except ConfigError as exc:
             problems.extend(exc.problems)
             return None
-        return Section(type=name, config=config)
+        return Section(type=name, config=config, quantize=quantize)
 
     sections: dict[str, Any] = {}
     for key, kind in PLUGIN_SECTIONS.items():

@@ -12,13 +12,14 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.api import build_component, build_loss_weighting, component_config
+from diffcore.api import build_component, build_loss_weighting, build_model, component_config
 from diffcore.config.job import Job, Section, dump_job
 from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.sampler import BucketBatchSampler, hash_seed
 from diffcore.errors import ConfigError, TrainingError, UserError
 from diffcore.optimizer_checks import check_optimizer
+from diffcore.quantize.build import check_frozen
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
 from diffcore.training import fast_paths, throughput
@@ -135,7 +136,10 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         # everything the encoders would compute is on disk: do not load them at all
         model_config = attrs.evolve(model_config, load_encoders=False)
     with phases.phase(f"loading the model ({job.model.type})"):
-        model = build_component("model", job.model.type, model_config)
+        model = build_model(
+            job.model.type, model_config, quantize=job.model.quantize, device=dist.device,
+            mixed_precision=job.train.mixed_precision,
+        )  # fmt: skip
     sched_section = scheduler_section(job, model)
     scheduler = build_component("scheduler", sched_section.type, sched_section.config)
     method = build_component("method", job.method.type, job.method.config)
@@ -174,6 +178,8 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
     trainable = _unique([p for p in [*method.setup(ctx), *module_params] if p.requires_grad])
     if not trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
+    if job.model.quantize != "none":
+        check_frozen(model, trainable, ctx.adapter_params or [])
     ctx.trainable = trainable
     swap_for_training(ctx, held)  # train.blocks_to_swap: hooks on the swapped blocks, before compile
     container = TrainedModules(model, ctx.method_modules)

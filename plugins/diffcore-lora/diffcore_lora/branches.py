@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcore.errors import UserError
+from diffcore.quantize.tensors import dense
 
 
 def layer_geometry(layer: nn.Module) -> tuple[int, int, tuple[int, ...]]:
@@ -51,6 +52,9 @@ class Branch(nn.Module):
 
     kind = "base"
     weight_space = False
+    #: the branch reads the base weight as a whole (a delta added to it, a row norm): a quantised
+    #: base (model.quantize) is dequantised for it
+    reads_weight = False
 
     def __init__(
         self,
@@ -216,13 +220,14 @@ class DoraBranch(LoraBranch):
     """DoRA: W' = m * (W + s*up@down) / ||W + s*up@down|| (row norm, not back-propagated), as PEFT."""
 
     kind = "dora"
+    reads_weight = True
 
     def __init__(
         self, layer: nn.Module, rank: int, alpha: float, *, init: str = "default", dtype=None, **drops
     ):
         super().__init__(layer, rank, alpha, init=init, dtype=dtype, **drops)
         with torch.no_grad():
-            w = layer.weight
+            w = dense(layer.weight)
             norm = _row_norm(w + self.scale * self.lora_weight().to(w.dtype))
         self.magnitude = nn.Parameter(norm.to(dtype or w.dtype))
 
@@ -298,6 +303,7 @@ class _WeightSpaceBranch(Branch):
     """A branch whose update is a weight delta, added to the base weight before the one matmul."""
 
     weight_space = True
+    reads_weight = True
 
     def build(self) -> torch.Tensor:
         """The unscaled delta, weight-shaped."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.quantize.tensors import dense
 from diffcore_lora.branches import Branch
 
 
@@ -23,8 +24,8 @@ class AdaptedLayer:
     adapters: nn.ModuleDict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight_branches, act_branches = self._active
-        weight = self.weight
+        weight_branches, act_branches, reads_weight = self._active
+        weight = dense(self.weight) if reads_weight else self.weight
         # Branches are called as modules (not through a bare method) so that hooks which gather
         # partitioned parameters, as DeepSpeed ZeRO-3's do, see them run.
         for branch in weight_branches:
@@ -73,6 +74,7 @@ def refresh(layer: nn.Module) -> None:
     layer._active = (
         tuple(b for b in branches if b.weight_space),
         tuple(b for b in branches if not b.weight_space),
+        any(b.reads_weight for b in branches),
     )
 
 
