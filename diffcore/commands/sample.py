@@ -385,7 +385,7 @@ class Loaded:
 
 def load_for_sampling(args: argparse.Namespace) -> Loaded:
     """Everything ``diffcore sample`` needs for the parsed options."""
-    from diffcore.api import build_component, component_config
+    from diffcore.api import build_component, build_model, component_config
 
     job = None
     output_dir = None
@@ -404,7 +404,8 @@ def load_for_sampling(args: argparse.Namespace) -> Loaded:
         output_dir = Path(job.output_dir)
     resolution = None
     if job is not None:
-        model = build_component("model", job.model.type, job.model.config)
+        # the base the job trained on: its model.quantize applies here too
+        model = build_model(job.model.type, job.model.config, quantize=job.model.quantize)
         res = getattr(job.data.config, "resolution", None)
         resolution = int(res) if isinstance(res, int) else None
         sched_type, sched_options = (

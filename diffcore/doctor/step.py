@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.api import build_component
+from diffcore.api import build_component, build_model
 from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.crops import buckets_of, image_datasets
@@ -53,7 +53,8 @@ def build(job: Any, dataset: Any) -> TrainContext:
     from diffcore.training.loop import scheduler_section
 
     device = pick_device(job.train.device, 0)
-    model = build_component("model", job.model.type, job.model.config)
+    model = build_model(job.model.type, job.model.config, quantize=job.model.quantize, device=device,
+                        mixed_precision=job.train.mixed_precision)  # fmt: skip
     sched = scheduler_section(job, model)
     ctx = TrainContext(
         job=job,
