@@ -329,3 +329,56 @@ def test_a_quantised_load_never_holds_the_full_precision_backbone(tmp_path):
     peak = int(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS while loading: {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB bf16 file")
     assert peak < 0.6 * size, (peak, size)
+
+
+def test_an_adapter_trained_on_an_int8_sdxl_loads_into_diffusers_unquantised_unet(tmp_path):
+    """The file a quantised run writes goes through diffusers' load_lora_weights into the
+    full-precision UNet, every key consumed, and predicts as diffcore's unquantised model with it."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("diffcore_sdxl")
+    from diffcore_lora.adapter import NetworkAdapter
+
+    from diffcore.testing.tiny_sd import write_pipeline
+
+    folder = tmp_path / "sdxl"
+    write_pipeline(folder, "sdxl", with_vae=True)
+    job = {
+        "seed": 1,
+        "model": {"type": "sdxl", "pretrained": str(folder), "quantize": "int8"},
+        "adapter": {"type": "lora", "rank": 4},
+        "method": {"type": "diffusion"},
+        "data": {"type": "synthetic", "resolution": 16, "size": 8},
+        "train": {"steps": 2, "batch_size": 4, "lr": 0.05},
+        "callbacks": [{"type": "progress", "enabled": False}],
+    }
+    run = run_job(job, tmp_path / "run")
+    path = run.output_dir / "final" / "adapter.safetensors"
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        text_encoder_2=transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=diffusers.EulerDiscreteScheduler(),
+    )
+    pipe.load_lora_weights(str(path))
+    with safe_open(str(path), "pt") as f:
+        downs = [k for k in f.keys() if k.endswith(".lora_down.weight")]
+    lora_layers = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert downs and len(lora_layers) == len(downs)  # every module of the file found its layer
+    model = diffcore.load_model("sdxl", pretrained=str(folder))
+    NetworkAdapter.from_file(model, path)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 725.0])
+    ctx, pooled = torch.randn(2, 11, 192, generator=g), torch.randn(2, 32, generator=g)
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2)
+    with torch.no_grad():
+        want = pipe.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = model.backbone(x, t, ctx, pooled=pooled, time_ids=time_ids)
+        plain = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")(
+            x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+    assert (want - plain).abs().max() > 1e-3  # the trained adapter changes the output
+    assert (got - want).abs().max() < 1e-4
