@@ -218,3 +218,31 @@ def test_sample_compile_gives_the_eager_images(tmp_path, monkeypatch):
         images[name] = sorted((tmp_path / name).glob("*.png"))[0].read_bytes()
     assert calls == ["blocks"]
     assert images["eager"] == images["blocks"]
+
+
+def test_compiled_blocks_under_block_swap_train_as_eager():
+    from diffcore.training.block_swap import swap_blocks
+
+    def losses_and_grads(compiled: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = _model()
+        params = _attach(model, "lora")
+        model.set_gradient_checkpointing(True)
+        swap_blocks(model, 2, "cpu", trainable=params)  # the hooks first, as the loop does
+        if compiled:
+            torch._dynamo.reset()
+            stats = compile_backbone(model, "blocks", backend="aot_eager")
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for _ in range(2):
+            loss = model.backbone(*_inputs()).square().mean()
+            loss.backward()
+            losses.append(loss.detach())
+            optimizer.step()
+            optimizer.zero_grad()
+        if compiled:
+            assert stats.stats()["graph_breaks"] == 0 and stats.stats()["eager"] == {}
+        return losses, [p.detach().clone() for p in params]
+
+    eager, compiled = losses_and_grads(False), losses_and_grads(True)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
