@@ -247,10 +247,11 @@ def test_int8_lora_trains_resumes_and_its_file_loads_into_the_unquantised_model(
 
 
 @pytest.mark.slow
-def test_fp8_lora_trains_under_zero_2_in_bf16(tmp_path):
+@pytest.mark.parametrize("mode,stage,precision", [("fp8", 2, "bf16"), ("int8", 3, "no")])
+def test_lora_trains_over_a_quantised_base_under_zero(tmp_path, mode, stage, precision):
     folder = _write_dit(tmp_path / "dit")
-    job = _job(folder, tmp_path / "run", quantize="fp8", steps=12, checkpoint_every=6, mixed_precision="bf16",
-               deepspeed={"zero_stage": 2})  # fmt: skip
+    job = _job(folder, tmp_path / "run", quantize=mode, steps=12, checkpoint_every=6, mixed_precision=precision,
+               deepspeed={"zero_stage": stage})  # fmt: skip
     losses = run_job(job, tmp_path / "run").losses
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4

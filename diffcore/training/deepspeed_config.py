@@ -24,6 +24,9 @@ def deepspeed_config(job: Job, world_size: int, *, load_universal: bool = False)
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if job.model.quantize != "none":
+        # ZeRO-3 swaps F.linear for its own matmul, which torchao's quantised weights do not take
+        zero["memory_efficient_linear"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation,
