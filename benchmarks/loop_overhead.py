@@ -130,7 +130,9 @@ def main() -> None:
     bare, ours = [], []
     for _ in range(args.repeats):  # alternating, so that a noisy neighbour hits both alike
         bare.append(bare_loop(section, args.batch_size, args.steps, args.warmup, lr, device))
+        print(f"  (bare {bare[-1] * 1000:.1f} ms/step)", flush=True)
         ours.append(diffcore_loop(section, args.batch_size, args.steps, args.warmup, lr, device))
+        print(f"  (diffcore {ours[-1] * 1000:.1f} ms/step)", flush=True)
     measured = args.steps - args.warmup
     print(f"loop_overhead: model {section['type']} batch {args.batch_size} on {device.type}, {measured} steps after "
           f"{args.warmup} warm-up, best of {args.repeats}")  # fmt: skip
