@@ -35,7 +35,7 @@ def _device(name: str) -> str:
 
 
 def cache_command(args: argparse.Namespace) -> int:
-    from diffcore.api import build_component
+    from diffcore.api import build_component, build_model
     from diffcore.config.job import load_job
     from diffcore.data.cache import FeatureCache, encoder_id_for_job
 
@@ -51,8 +51,9 @@ def cache_command(args: argparse.Namespace) -> int:
     cache = FeatureCache(dataset, cache_dir, encoder_id_for_job(job))
     print(f"diffcore cache: {len(dataset)} examples; {cache.summary()}", flush=True)
     if cache.needs_autoencoder or cache.text_todo:
-        model = build_component("model", job.model.type, job.model.config)
         device = _device(args.device or job.train.device)
+        # the encoders the run would use (the cache's key holds model.quantize)
+        model = build_model(job.model.type, job.model.config, quantize=job.model.quantize, device=device)
         model.to(device)
         cache.build(model, batch_size=args.batch_size, progress=not args.no_progress)
     problems = getattr(dataset, "problems", [])
