@@ -14,6 +14,9 @@ class Plan:
     """One model's quantisation while it loads, and what it did."""
 
     mode: str
+    #: where quantising happens and the quantised weights live: a CUDA device (the one the model will
+    #: run on) quantises each weight there, much faster than the CPU; None: where ``load_into`` puts it
+    device: str | None = None
     #: Linear weights quantised and their full-precision bytes
     quantized: int = 0
     full_bytes: int = 0
@@ -30,9 +33,9 @@ def current() -> Plan | None:
 
 
 @contextlib.contextmanager
-def quantizing(mode: str) -> Iterator[Plan]:
+def quantizing(mode: str, device: str | None = None) -> Iterator[Plan]:
     """Quantise the Linear weights that stream in through ``load_into`` while inside."""
-    plan = Plan(mode)
+    plan = Plan(mode, device)
     token = _ACTIVE.set(plan)
     try:
         yield plan

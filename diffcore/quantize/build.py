@@ -24,7 +24,10 @@ def build_quantized(
     """``build()`` (a model factory call) with its frozen Linear weights in ``mode``.
     ``mixed_precision``: the job's ``train.mixed_precision`` (DeepSpeed casts the backbone to it)."""
     require(mode, device, where=WHERE)
-    with quantizing(mode) as plan:
+    # on a GPU each weight is quantised there as it streams (NF4 takes minutes per billion weights on
+    # a CPU); the model moves there next anyway
+    on = str(device) if device is not None and torch.device(device).type == "cuda" else None
+    with quantizing(mode, on) as plan:
         model = build()
     quantize_in_memory(model, plan)
     cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)

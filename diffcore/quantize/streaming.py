@@ -45,6 +45,8 @@ def offer(plan: Plan, root: nn.Module, name: str, value: torch.Tensor) -> torch.
     plan.full_bytes += value.numel() * value.element_size()
     # what the previous tensors left free goes back before this one's temporaries are made
     return_freed_memory()
+    if plan.device is not None:
+        value = value.to(plan.device)
     quantized = quantize_weight(plan.mode, value)
     return_freed_memory()
     return quantized
