@@ -5,7 +5,9 @@ block swap, plus the swap's prefetch buffer), the trained weights in the trainin
 state, DeepSpeed's fp32 master copy under mixed precision, and the step's live tensors (activations,
 transients and gradients, measured on the meta device). ZeRO stages shard the optimizer state and
 master copy (1), the gradients (2) and the trained weights (3) over the GPUs; offload moves the
-optimizer state and master copy (and with stage 3 the weights) to host memory.
+optimizer state and master copy (and with stage 3 the weights) to host memory. The optimizer step
+holds the gradients and its temporaries, which is the peak of a full finetune whose activations are
+small.
 """
 
 from __future__ import annotations
@@ -26,7 +28,21 @@ OPTIMIZER_BYTES = {
     "lion": 4.0,  # exp_avg
     "sgd": 0.0,  # 4 with momentum
 }
-MASTER_BYTES = 8.0  # DeepSpeed under bf16/fp16: fp32 weights and fp32 gradients of what trains
+#: what the loop holds with no model at all (DeepSpeed's engine, the process group, the data loader,
+#: the callbacks): measured as a run of a 0.1 MB model's peak above the level before it (CPU, 24 MiB)
+RUNTIME_BYTES = 24 * 2**20
+#: device memory outside torch's allocator on CUDA (the context, its kernels' modules): kept free
+#: when checking a fit, not part of the predicted peak (which matches max_memory_allocated)
+CUDA_CONTEXT_BYTES = 2**29
+MASTER_BYTES = 8.0
+#: bytes per trained parameter of the optimizer step's temporaries (foreach kernels over the whole
+#: parameter list; bitsandbytes and Adafactor work tensor by tensor)
+STEP_TEMP_BYTES = {
+    "adamw": 4.0,
+    "prodigy": 4.0,
+    "schedulefree_adamw": 4.0,
+    "lion": 4.0,
+}  # DeepSpeed under bf16/fp16: fp32 weights and fp32 gradients of what trains
 PRECISION_BYTES = {"bf16": 2, "fp16": 2}
 
 # -- the basis of the relative step time ---------------------------------------------------------
@@ -77,9 +93,19 @@ class Estimate:
     #: the swapped blocks are there once while it loads
     loading: int = 0
 
+    runtime: int = RUNTIME_BYTES
+
     @property
     def training(self) -> int:
-        return self.frozen + self.swap_buffer + self.trained + self.optimizer + self.master + self.activations
+        return (
+            self.frozen
+            + self.swap_buffer
+            + self.trained
+            + self.optimizer
+            + self.master
+            + self.activations
+            + self.runtime
+        )
 
     @property
     def device(self) -> int:
@@ -96,28 +122,26 @@ def optimizer_bytes(inv: Inventory, s: Settings) -> float:
     return per * inv.trainable.params
 
 
-def frozen_bytes(inv: Inventory, quantize: str) -> tuple[int, float]:
-    """Frozen bytes on the device without swap, and the ratio quantisation leaves of the blocks."""
+def frozen_bytes(inv: Inventory, quantize: str) -> int:
+    """Frozen bytes on the device without swap."""
     total = 0.0
-    block_ratio = 1.0
     for part in inv.frozen:
         size = float(part.bytes)
         if quantize != "none" and part.linear_params:
             size += part.linear_params * QUANT_BYTES[quantize] - part.linear_bytes
-            if part.name == "backbone" and part.bytes:
-                block_ratio = size / part.bytes
         total += size
-    return int(total), block_ratio
+    return int(total)
 
 
 def estimate(
     inv: Inventory, s: Settings, *, gpus: int = 1, precision: str = "no", tflops: float | None = None
 ) -> Estimate:
-    frozen, ratio = frozen_bytes(inv, s.quantize)
-    # diffcore.training.block_swap keeps the last N blocks in host memory
-    swapped = [
-        int(b * ratio) for b in inv.block_frozen_bytes[len(inv.block_frozen_bytes) - s.blocks_to_swap :]
-    ]
+    frozen = frozen_bytes(inv, s.quantize)
+    # diffcore.training.block_swap keeps the last N blocks in host memory, all but their quantised
+    # Linear weights, which stay on the device
+    first = len(inv.block_frozen_bytes) - s.blocks_to_swap
+    kept = inv.block_linear_bytes if s.quantize != "none" and inv.block_linear_bytes else [0] * inv.blocks
+    swapped = [b - q for b, q in zip(inv.block_frozen_bytes[first:], kept[first:], strict=True)]
     # the block running and the next one, copied while it runs
     buffer = min(len(swapped), 2) * max(swapped, default=0)
     loading = frozen if swapped else 0
@@ -135,8 +159,16 @@ def estimate(
     if s.zero_stage >= 1:
         optimizer /= gpus
         master /= gpus
+    grads = float(inv.activations.grads)
     if s.zero_stage >= 2:
-        activations -= inv.activations.grads * (1 - 1 / gpus)
+        activations -= grads * (1 - 1 / gpus)
+        grads /= gpus
+    # the optimizer step holds the gradients and its own temporaries (torch's foreach AdamW takes the
+    # square root of every second moment at once: one fp32 value per parameter)
+    step_temp = 0.0 if s.offload_optimizer else STEP_TEMP_BYTES.get(s.optimizer, 0.0) * params
+    if s.zero_stage >= 1:
+        step_temp /= gpus
+    activations = max(activations, grads + step_temp)
     if s.zero_stage == 3:
         trained /= gpus
     host = float(sum(swapped))

@@ -62,6 +62,9 @@ class Inventory:
     #: forward FLOPs of one sample (the model's own figure, else 2 x backbone parameters x tokens)
     flops_per_sample: float
     full_finetune: bool
+    #: of each block's frozen bytes, those of its Linear weights (a quantised base keeps them on the
+    #: device under block swap)
+    block_linear_bytes: list[int] = attrs.Factory(list)
 
     @property
     def frozen_bytes(self) -> int:
@@ -204,15 +207,13 @@ def inventory(job: Any, dataset: Any) -> Inventory:
     trainable = _part("trainable", ctx.trainable, all_linear)
 
     block_bytes: list[int] = []
+    block_linear: list[int] = []
     for path in model.repeated_blocks():
         for block in model.backbone.get_submodule(path):
-            block_bytes.append(
-                sum(
-                    p.numel() * p.element_size()
-                    for p in _unique(block.parameters())
-                    if id(p) not in trainable_ids
-                )
-            )
+            frozen = [p for p in _unique(block.parameters()) if id(p) not in trainable_ids]
+            linear = _linear_weights(block)
+            block_bytes.append(sum(p.numel() * p.element_size() for p in frozen))
+            block_linear.append(sum(p.numel() * p.element_size() for p in frozen if id(p) in linear))
 
     index = largest(ctx.dataset)
     bucket = buckets_of(ctx.dataset)[index]
@@ -237,6 +238,7 @@ def inventory(job: Any, dataset: Any) -> Inventory:
         frozen=[p for p in frozen_parts if p.params],
         trainable=trainable,
         block_frozen_bytes=block_bytes,
+        block_linear_bytes=block_linear,
         activations=Activations(plain=plain, checkpointed=checkpointed, grads=grads),
         bucket=bucket,
         batch_size=job.train.batch_size,

@@ -49,7 +49,10 @@ def measure(job_file: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss.__enter__()
-    loop.run_job(job)
+    try:
+        loop.run_job(job)
+    finally:
+        checkpoint.export_weights = export
     rows = [json.loads(line) for line in (Path(job.output_dir) / "metrics.jsonl").read_text().splitlines()]
     times = [row["elapsed_s"] for row in rows]
     step_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1]
@@ -78,6 +81,7 @@ def _warm_up(job: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # one job per process: memory a previous job freed would stay resident and hide the next one's
     args = sys.argv[1:] if argv is None else argv
     print("DIFFCORE_MEASURED " + json.dumps(measure(args[0])), flush=True)
     return 0

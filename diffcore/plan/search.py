@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.plan.costs import Estimate, Settings, estimate
+from diffcore.plan.costs import CUDA_CONTEXT_BYTES, Estimate, Settings, estimate
 from diffcore.plan.inventory import Inventory
 
 
@@ -38,8 +38,9 @@ class Plan:
     ram: int | None
 
 
-def _fits(e: Estimate, vram: int, ram: int | None) -> bool:
-    return e.device <= vram and (ram is None or e.host <= ram)
+def fits(e: Estimate, vram: int, ram: int | None) -> bool:
+    """Whether ``e`` fits a GPU of ``vram`` bytes (the CUDA context kept free) and ``ram`` of host memory."""
+    return e.device + CUDA_CONTEXT_BYTES <= vram and (ram is None or e.host <= ram)
 
 
 def candidates(
@@ -102,19 +103,19 @@ def plan(
                         small_optimizers=list(small_optimizers or [])):  # fmt: skip
         e = cost(s)
         # block swap refuses ZeRO-3
-        if not _fits(e, vram, ram) and swap_allowed and s.zero_stage != 3:
+        if not fits(e, vram, ram) and swap_allowed and s.zero_stage != 3:
             # the fewest swapped blocks that fit: memory falls as the count grows
             for n in range(1, inv.blocks + 1):
                 swapped = cost(attrs.evolve(s, blocks_to_swap=n))
-                if _fits(swapped, vram, ram):
+                if fits(swapped, vram, ram):
                     e = swapped
                     break
             else:
                 e = cost(attrs.evolve(s, blocks_to_swap=inv.blocks))
         options.append(e)
-    fitting = [e for e in options if _fits(e, vram, ram)]
+    fitting = [e for e in options if fits(e, vram, ram)]
     chosen = min(fitting, key=lambda e: (round(e.step_s, 9), _changes(e.settings, written)), default=None)
     written_estimate = cost(written)
-    if _fits(written_estimate, vram, ram):
+    if fits(written_estimate, vram, ram):
         chosen = written_estimate
     return Plan(written=written_estimate, options=options, chosen=chosen, vram=vram, ram=ram)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffcore.plan.costs import (
+    CUDA_CONTEXT_BYTES,
     DEFAULT_TFLOPS,
     MFU,
     PCIE_BYTES_PER_S,
@@ -12,7 +13,7 @@ from diffcore.plan.costs import (
     Settings,
 )
 from diffcore.plan.inventory import Inventory
-from diffcore.plan.search import Plan
+from diffcore.plan.search import Plan, fits
 from diffcore.plan.sizes import gib
 
 
@@ -39,7 +40,7 @@ def describe(s: Settings, written: Settings) -> str:
 def breakdown(e: Estimate) -> str:
     items = [("frozen weights", e.frozen), ("swap buffer", e.swap_buffer), ("trained weights", e.trained),
              ("optimizer state", e.optimizer), ("fp32 master copy", e.master),
-             ("activations and gradients", e.activations)]  # fmt: skip
+             ("activations and gradients", e.activations), ("the loop itself", e.runtime)]  # fmt: skip
     return ", ".join(f"{name} {gib(v)}" for name, v in items if v)
 
 
@@ -51,7 +52,7 @@ def render(inv: Inventory, plan: Plan, *, gpus: int, max_rows: int = 16) -> str:
         f"{' (full finetune)' if inv.full_finetune else ''}, largest bucket {inv.bucket[1]}x{inv.bucket[0]} "
         f"({tokens}) x batch {inv.batch_size}, {inv.blocks} repeated blocks, {gpus} GPU{'s' if gpus > 1 else ''}",
         f"as written: {gib(written.device)} on the device ({breakdown(written)})",
-        f"device memory {gib(plan.vram)}"
+        f"device memory {gib(plan.vram)} ({gib(CUDA_CONTEXT_BYTES)} of it kept free for the CUDA context)"
         + (f", host memory {gib(plan.ram)}" if plan.ram is not None else ""),
         "",
         f"  {'option':<56} {'device':>10} {'host':>10} {'step time':>10}  fits",
@@ -62,7 +63,7 @@ def render(inv: Inventory, plan: Plan, *, gpus: int, max_rows: int = 16) -> str:
     if plan.chosen is not None and plan.chosen not in shown:
         shown.append(plan.chosen)
     for e in shown:
-        fits = e.device <= plan.vram and (plan.ram is None or e.host <= plan.ram)
+        ok = fits(e, plan.vram, plan.ram)
         mark = (
             "*"
             if e is plan.chosen or (plan.chosen is not None and e.settings == plan.chosen.settings)
@@ -70,7 +71,7 @@ def render(inv: Inventory, plan: Plan, *, gpus: int, max_rows: int = 16) -> str:
         )
         lines.append(
             f"{mark} {describe(e.settings, written.settings):<56} {gib(e.device):>10} {gib(e.host):>10} "
-            f"{e.step_s / base:>9.2f}x  {'yes' if fits else 'no'}"
+            f"{e.step_s / base:>9.2f}x  {'yes' if ok else 'no'}"
         )
     lines.append("")
     if plan.chosen is None:
