@@ -58,7 +58,7 @@ def render(inv: Inventory, plan: Plan, *, gpus: int, max_rows: int = 16) -> str:
         f"  {'option':<56} {'device':>10} {'host':>10} {'step time':>10}  fits",
     ]
     base = written.step_s or 1.0
-    rows = sorted(plan.options, key=lambda e: (e.device > plan.vram, e.step_s, e.device))
+    rows = sorted(plan.options, key=lambda e: (not fits(e, plan.vram, plan.ram), e.step_s, e.device))
     shown = [written, *[e for e in rows if e.settings != written.settings][: max_rows - 1]]
     if plan.chosen is not None and plan.chosen not in shown:
         shown.append(plan.chosen)
