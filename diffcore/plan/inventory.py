@@ -152,18 +152,13 @@ def step_peak(ctx: TrainContext, batch: dict[str, Any]) -> int:
     """Peak bytes live during one forward and backward of ``batch`` (beyond what existed before)."""
     ctx.step_random = StepRandom(ctx.job.seed, 0)
     fused = fused_attention() if ctx.device.type == "meta" else contextlib.nullcontext()
-    with LiveBytes() as live, fused, _precision(ctx.job):
+    with LiveBytes() as live, fused:
         loss, _ = ctx.method.loss(ctx, batch)
         loss.backward()
     peak = live.peak
     for p in ctx.trainable:
         p.grad = None
     return peak
-
-
-def _precision(job: Any) -> Any:
-    """DeepSpeed keeps the trained module in the mixed-precision dtype: activations are in it too."""
-    return contextlib.nullcontext()
 
 
 def inventory(job: Any, dataset: Any) -> Inventory:
@@ -220,10 +215,10 @@ def inventory(job: Any, dataset: Any) -> Inventory:
     batch = collate([ctx.dataset[index]] * job.train.batch_size)
     model.backbone.train()
     grads = trainable.bytes if dtype is None else trainable.params * torch.finfo(dtype).bits // 8
-    model.set_gradient_checkpointing(False) if _has_checkpointing(model) else None
+    checkpointing = _has_checkpointing(model)  # and turned off, for the plain step
     plain = step_peak(ctx, batch)
     checkpointed = None
-    if _has_checkpointing(model):
+    if checkpointing:
         model.set_gradient_checkpointing(True)
         checkpointed = step_peak(ctx, batch)
         model.set_gradient_checkpointing(job.train.gradient_checkpointing)
@@ -250,6 +245,7 @@ def inventory(job: Any, dataset: Any) -> Inventory:
 
 
 def _has_checkpointing(model: Any) -> bool:
+    """Whether the model has activation checkpointing; turns it off when it has."""
     from diffcore.errors import UserError
 
     try:
