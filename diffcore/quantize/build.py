@@ -11,6 +11,7 @@ from torch import nn
 
 from diffcore.errors import UserError
 from diffcore.quantize.active import Plan, quantizing
+from diffcore.quantize.allocator import mapped_allocations
 from diffcore.quantize.library import quantize_weight, require
 from diffcore.quantize.streaming import offer
 from diffcore.quantize.tensors import dense, install, is_quantized
@@ -27,7 +28,7 @@ def build_quantized(
     # on a GPU each weight is quantised there as it streams (NF4 takes minutes per billion weights on
     # a CPU); the model moves there next anyway
     on = str(device) if device is not None and torch.device(device).type == "cuda" else None
-    with quantizing(mode, on) as plan:
+    with mapped_allocations(), quantizing(mode, on) as plan:
         model = build()
     quantize_in_memory(model, plan)
     cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)

@@ -112,4 +112,8 @@ def _quantize(mode: str, weight: torch.Tensor) -> torch.Tensor:
     shell = nn.Linear(1, 1, bias=False, device="meta")
     shell.weight = nn.Parameter(weight, requires_grad=False)
     quantize_(shell, config)
-    return shell.weight.data if isinstance(shell.weight, nn.Parameter) else shell.weight
+    quantized = shell.weight
+    # quantize_ binds a new extra_repr to the module, a reference cycle that would keep this chunk
+    # alive until the next garbage collection: break it so the chunk is freed as soon as it is copied
+    shell.__dict__.pop("extra_repr", None)
+    return quantized.data if isinstance(quantized, nn.Parameter) else quantized
