@@ -269,6 +269,14 @@ def test_a_full_finetune_of_a_quantised_base_is_a_user_error(tmp_path):
     assert not (tmp_path / "run" / "job.yaml").exists()
 
 
+def test_merging_into_a_quantised_base_is_a_user_error(tmp_path):
+    model = diffcore.load_model("dit", pretrained=str(_write_dit(tmp_path / "dit")), quantize="nf4")
+    adapter = build_component("adapter", "lora", {"rank": 4})
+    adapter.attach(model)
+    with pytest.raises(UserError, match="cannot fold an adapter into a quantised base"):
+        adapter.merge()
+
+
 def test_a_missing_library_or_an_unsupported_device_is_a_user_error(monkeypatch):
     with pytest.raises(UserError) as error:
         library.require("int8", "mps")

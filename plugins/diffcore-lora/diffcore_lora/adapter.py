@@ -20,6 +20,7 @@ from torch import nn
 
 import diffcore
 from diffcore.errors import UserError
+from diffcore.quantize.tensors import is_quantized
 from diffcore.weights import Checkpoint, save_safetensors
 from diffcore_lora import formats
 from diffcore_lora.branches import BRANCHES, Branch, DoraBranch, LokrBranch
@@ -167,6 +168,12 @@ class NetworkAdapter:
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update (at the current strength) into the base weights; the branches stop running."""
+        if any(is_quantized(t.layer.weight) for t in self.targets):
+            raise UserError(
+                "cannot fold an adapter into a quantised base (model.quantize): its weights are frozen int8/fp8/nf4",
+                where="$.model.quantize",
+                hint="load the model with quantize: none to merge, or keep the adapter unmerged",
+            )
         for target in self.targets:
             branch = self.branches[target.ident]
             if branch.merged:
