@@ -285,6 +285,10 @@ def test_a_missing_library_or_an_unsupported_device_is_a_user_error(monkeypatch)
     with pytest.raises(UserError) as error:
         library.require("nf4")
     assert "nf4 needs torchao" in str(error.value) and "pip install 'diffcore[quant]' (it brings torchao)" in str(error.value)
+    # diffcore validate says so before anything loads
+    job = {"model": {"type": "dit", **TINY, "quantize": "int8"}, "data": {"type": "synthetic"}}
+    with pytest.raises(ConfigError, match=r"\$.model.quantize: int8 needs torchao: pip install 'diffcore\[quant\]'"):
+        structure_job(job)
 
 
 # -- memory ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from diffcore.config.structure import ExpectedError, structure, unstructure
 from diffcore.config.yaml_bounded import YAMLTooLarge, load_yaml
 from diffcore.errors import ConfigError, Problem, UserError
 from diffcore.kinds import KINDS
-from diffcore.quantize.modes import MODES
+from diffcore.quantize.modes import MODES, library_for
 from diffcore.training.fast_paths import check_sdpa_backends
 
 TOP_KEYS = ["name", "output_dir", "seed", "model", "adapter", "method", "scheduler", "data", "train", "callbacks"]
@@ -344,6 +345,9 @@ def structure_job(data: dict[str, Any], *, source: str | None = None, registry: 
         if quantize not in MODES:
             problems.append(Problem(f"{path}.quantize", f"must be one of {', '.join(MODES)}, got {quantize!r}"))
             return None
+        if quantize != "none" and importlib.util.find_spec(library_for(quantize).module) is None:
+            lib = library_for(quantize)
+            problems.append(Problem(f"{path}.quantize", f"{quantize} needs {lib.module}: pip install '{lib.pip}'"))
         name = raw.pop("type", None)
         if not isinstance(name, str) or not name:
             installed = ", ".join(registry.names(kind)) or "none installed"
