@@ -29,13 +29,13 @@ def clip_tokenizer(pad: str = "<|endoftext|>", punctuation: str = "") -> Any:
     merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad)  # type: ignore[arg-type]
 
 
 def t5_tokenizer(words: Sequence[str] = ("cat", "dog")) -> Any:
     """A T5 unigram tokenizer (pad 0, EOS 1, unk 2) over letters, with ``words`` as whole pieces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("\u2581" + c, -2.0) for c in LETTERS] + [(c, -3.0) for c in LETTERS]
