@@ -89,14 +89,11 @@ class Estimate:
     #: host memory the settings add (offloaded state, swapped blocks)
     host: int
     step_s: float
-    #: the run moves the whole model to the device before block swap arms (at the first step), so
-    #: the swapped blocks are there once while it loads
-    loading: int = 0
 
     runtime: int = RUNTIME_BYTES
 
     @property
-    def training(self) -> int:
+    def device(self) -> int:
         return (
             self.frozen
             + self.swap_buffer
@@ -106,10 +103,6 @@ class Estimate:
             + self.activations
             + self.runtime
         )
-
-    @property
-    def device(self) -> int:
-        return max(self.training, self.loading)
 
 
 def optimizer_bytes(inv: Inventory, s: Settings) -> float:
@@ -144,7 +137,6 @@ def estimate(
     swapped = [b - q for b, q in zip(inv.block_frozen_bytes[first:], kept[first:], strict=True)]
     # the block running and the next one, copied while it runs
     buffer = min(len(swapped), 2) * max(swapped, default=0)
-    loading = frozen if swapped else 0
     frozen -= sum(swapped)
     params = inv.trainable.params
     weight_bytes = PRECISION_BYTES.get(precision, inv.trainable.bytes / max(params, 1))
@@ -188,7 +180,6 @@ def estimate(
         activations=int(activations),
         host=int(host),
         step_s=step_seconds(inv, s, swapped=sum(swapped), gpus=gpus, tflops=tflops),
-        loading=loading + int(trained) if swapped else 0,
     )
 
 

@@ -84,11 +84,6 @@ def render(inv: Inventory, plan: Plan, *, gpus: int, max_rows: int = 16) -> str:
         lines.append(
             f"chosen (*): {describe(plan.chosen.settings, written.settings)}: {gib(plan.chosen.device)} on the device"
         )
-    if any(e.loading > e.training for e in shown):
-        lines.append(
-            "with block swap the run still moves the whole model to the device once before the swap arms: "
-            "that load is the peak where it is above the training figure"
-        )
     lines.append(
         "step time relative to the job as written; basis: forward + backward = 3 forwards (4 with "
         f"checkpointing) at {DEFAULT_TFLOPS:g} TFLOP/s sustained (or train.peak_tflops x {MFU:g}), swapped blocks "
