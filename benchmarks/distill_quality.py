@@ -47,6 +47,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--spacings", default="auto,flux", help="flow sigma spacings to score the 2- and 4-step rows with")
     return p.parse_args()
 
 
@@ -110,8 +111,9 @@ def student_job(name: str, teacher: Path, method: dict[str, Any], steps: int, ar
     }  # fmt: skip
 
 
-def score(model: Any, *, steps: int, sampler: str, guidance: float, per_class: int) -> dict[str, float]:
-    """The class_agreement callback's figures for ``model``."""
+def score(model: Any, *, steps: int, sampler: str, guidance: float, per_class: int, spacing: str = "auto") -> dict[str, float]:
+    """The class_agreement callback's figures for ``model``; ``spacing`` is the flow scheduler's
+    ``sigma_spacing`` ("auto": the quickstart's, 1 to shift(1/T); "flux": 1 to 1/steps)."""
     import torch
 
     import diffcore
@@ -120,7 +122,7 @@ def score(model: Any, *, steps: int, sampler: str, guidance: float, per_class: i
 
     names = diffcore.build_component("dataset", "synthetic", {"resolution": 32, "size": 4}).class_names
     labels = torch.arange(len(names)).repeat_interleave(per_class)
-    scheduler = diffcore.build_component("scheduler", "flow", {})
+    scheduler = diffcore.build_component("scheduler", "flow", {"sigma_spacing": spacing})
     with torch.no_grad():
         pixels = generate(model, scheduler, batch={"labels": labels}, height=32, width=32, steps=steps,
                           sampler=sampler, guidance=guidance, seed=1234).float().cpu()  # fmt: skip
@@ -134,12 +136,15 @@ def main() -> None:
     args = parse()
     args.work.mkdir(parents=True, exist_ok=True)
     teacher = teacher_weights(args)
-    rows: list[tuple[str, int, str, float, dict[str, float]]] = []
+    rows: list[tuple[str, int, str, str, float, dict[str, float]]] = []
 
+    # at 2 steps the quickstart's sigma spacing (1 to shift(1/T)) steps from 1 to 0.001 and then to 0:
+    # one step in effect; "flux" spacing (1 to 1/steps) makes the two steps 1 -> 0.5 -> 0
+    spacings = [s for s in args.spacings.split(",") if s]
     model = load_dit(teacher).to(args.device)
-    for steps in (20, 2, 4):
-        rows.append(("teacher (undistilled)", steps, "euler", GUIDANCE, score(model, steps=steps, sampler="euler",
-                     guidance=GUIDANCE, per_class=args.per_class)))  # fmt: skip
+    rows.append(("teacher (undistilled)", 20, "euler", "auto", GUIDANCE,
+                 score(model, steps=20, sampler="euler", guidance=GUIDANCE, per_class=args.per_class)))  # fmt: skip
+    students: list[tuple[str, Any, str]] = [("teacher (undistilled)", model, "euler")]
 
     methods = [m for m in args.methods.split(",") if m]
     if "reflow" in methods:
@@ -147,28 +152,29 @@ def main() -> None:
                   "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"), "teacher": str(teacher)}  # fmt: skip
         folder = args.work / "reflow"
         diffcore_run(student_job("reflow", teacher, method, args.reflow_steps, args), folder)
-        student = load_dit(folder / "final" / "ema.safetensors")
-        for steps in (2, 4):
-            rows.append(("reflow", steps, "euler", 1.0, score(student, steps=steps, sampler="euler", guidance=1.0,
-                         per_class=args.per_class)))  # fmt: skip
+        students.append(("reflow", load_dit(folder / "final" / "ema.safetensors"), "euler"))
     if "consistency" in methods:
         method = {"type": "consistency", "guidance": [GUIDANCE], "num_solver_steps": 20, "target_ema": 0.95,
                   "huber_c": 0.001, "teacher": str(teacher)}  # fmt: skip
         folder = args.work / "consistency"
         diffcore_run(student_job("consistency", teacher, method, args.consistency_steps, args), folder)
-        student = load_dit(folder / "final" / "ema.safetensors")
-        for steps in (2, 4):
-            rows.append(("consistency", steps, "lcm", 1.0, score(student, steps=steps, sampler="lcm", guidance=1.0,
-                         per_class=args.per_class)))  # fmt: skip
+        students.append(("consistency", load_dit(folder / "final" / "ema.safetensors"), "lcm"))
+    for name, student, sampler in students:
+        guidance = GUIDANCE if name.startswith("teacher") else 1.0
+        for spacing in spacings:
+            for steps in (2, 4):
+                rows.append((name, steps, sampler, spacing, guidance, score(student, steps=steps, sampler=sampler,
+                             guidance=guidance, per_class=args.per_class, spacing=spacing)))  # fmt: skip
 
-    reference = rows[0][4]
-    print("\n| model | steps | sampler | guidance | class agreement | colour-and-form | form - teacher@20 |")
-    print("|---|---|---|---|---|---|---|")
-    for name, steps, sampler, guidance, figures in rows:
+    reference = rows[0][5]
+    print("\n| model | steps | sampler | sigma spacing | guidance | class agreement | colour-and-form | form - teacher@20 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, steps, sampler, spacing, guidance, figures in rows:
         gap = figures["form"] - reference["form"]
-        print(f"| {name} | {steps} | {sampler} | {guidance:g} | {figures['class']:.3f} | {figures['form']:.3f} | {gap:+.3f} |")
+        print(f"| {name} | {steps} | {sampler} | {spacing} | {guidance:g} | {figures['class']:.3f} | {figures['form']:.3f} | {gap:+.3f} |")
     (args.work / f"quality-{'-'.join(methods) or 'teacher'}.json").write_text(json.dumps(
-        [{"model": n, "steps": s, "sampler": sm, "guidance": g, **f} for n, s, sm, g, f in rows], indent=2))  # fmt: skip
+        [{"model": n, "steps": s, "sampler": sm, "spacing": sp, "guidance": g, **f} for n, s, sm, sp, g, f in rows],
+        indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
