@@ -268,11 +268,9 @@ def peft_lora(module: Any, targets: list[str], rank: int) -> list[torch.nn.Param
 
 # -- compiling -----------------------------------------------------------------------------------------
 def compile_ours(model: Any) -> str | None:
-    """``train.compile: blocks`` on diffcore's backbone; None, or why it could not."""
-    try:
-        from diffcore.training.compile import compile_backbone
-    except ImportError:  # TODO(issue 17): diffcore.training.compile lands with train.compile
-        return "diffcore.training.compile is not available in this checkout"
+    """``train.compile: blocks`` on diffcore's backbone, as the training loop applies it."""
+    from diffcore.training.compile import compile_backbone
+
     compile_backbone(model, "blocks")
     return None
 
