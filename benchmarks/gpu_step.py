@@ -325,7 +325,7 @@ def run_side(
     wanted = [r for r in (side, f"{side}-compiled") if r in runs]
     target, params = built
     loss = case.diffcore_loss if side == "diffcore" else case.diffusers_loss
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fused = {"fused": True}
     opt = torch.optim.AdamW(params, lr=1e-5, **fused)
     results = []
     for run in wanted:

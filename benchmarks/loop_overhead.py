@@ -78,8 +78,8 @@ def bare_loop(section: dict, batch_size: int, steps: int, warmup: int, lr: float
         data, batch_sampler=BucketBatchSampler(data, batch_size, seed=0), collate_fn=collate
     )
     params = [p for p in model.backbone.parameters() if p.requires_grad]
-    # the kernels diffcore's built-in adamw picks: fused on CUDA, foreach elsewhere
-    kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # the kernels diffcore's built-in adamw picks: fused on CUDA and CPU
+    kernels = {"fused": True}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, **kernels)
     it = iter(loader)
     start = 0.0

@@ -148,14 +148,16 @@ def test_backends_that_cannot_run_here_are_refused_before_training():
     assert flash_sdp_enabled()  # torch's own choice again afterwards
 
 
-def test_adamw_is_foreach_off_cuda_and_an_explicit_choice_is_kept():
+def test_adamw_is_fused_on_cpu_and_cuda_and_an_explicit_choice_is_kept():
     from diffcore.builtin.optimizers import AdamWConfig, _adamw
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert fast_paths.adamw_kernels(params, None, None) == {"fused": None, "foreach": True}
-    assert fast_paths.adamw_kernels([{"params": params}], None, None) == {"fused": None, "foreach": True}
+    assert fast_paths.adamw_kernels(params, None, None) == {"fused": True, "foreach": None}
+    assert fast_paths.adamw_kernels([{"params": params}], None, None) == {"fused": True, "foreach": None}
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]  # a device without the fused kernel
+    assert fast_paths.adamw_kernels(meta, None, None) == {"fused": None, "foreach": True}
     assert fast_paths.adamw_kernels(params, False, None) == {"fused": False, "foreach": None}
-    assert _adamw(params, AdamWConfig(), 1e-3).defaults["foreach"] is True
+    assert _adamw(params, AdamWConfig(), 1e-3).defaults["fused"] is True
     assert _adamw(params, AdamWConfig(foreach=False), 1e-3).defaults["foreach"] is False
 
 

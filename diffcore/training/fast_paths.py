@@ -133,10 +133,11 @@ def check_backends_run(names: list[str] | None, device: torch.device) -> None:
 
 def adamw_kernels(params: Iterable[Any], fused: bool | None, foreach: bool | None) -> dict[str, bool | None]:
     """torch.optim.AdamW's ``fused``/``foreach`` for ``params``: with both None, fused when every
-    parameter is a floating CUDA tensor (one kernel for the whole update), else foreach (one op per
-    parameter group instead of per tensor); an explicit choice is kept."""
+    parameter is a floating CUDA or CPU tensor (one kernel for the whole update: on a CPU too it is
+    several times faster than the per-tensor and foreach paths, which run the update as many small
+    ops), else foreach (one op per parameter group instead of per tensor); an explicit choice is kept."""
     if fused is not None or foreach is not None:
         return {"fused": fused, "foreach": foreach}
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # groups or tensors
-    on_cuda = all(t.device.type == "cuda" and t.is_floating_point() for t in tensors)
-    return {"fused": True, "foreach": None} if on_cuda else {"fused": None, "foreach": True}
+    fusable = all(t.device.type in ("cuda", "cpu") and t.is_floating_point() for t in tensors)
+    return {"fused": True, "foreach": None} if fusable else {"fused": None, "foreach": True}
