@@ -16,12 +16,11 @@ growth of one step. Prints the figures and the ratios diffcore / diffusers (belo
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _step_harness import add_common_options, compare, report
 
 #: (hidden, heads, double, single, text width) of the released models
 SHAPES = {"klein": (3072, 24, 5, 20, 7680), "dev": (6144, 48, 8, 48, 15360)}
@@ -36,13 +35,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--latent", type=int, default=16, help="latent height = width (128 channels, one token each)")
     p.add_argument("--reference", type=int, default=8, help="side of one Kontext reference latent (0: none)")
     p.add_argument("--txt-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--checkpointing", action="store_true", help="per-block activation checkpointing in both")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps shared machines steady)")
+    add_common_options(p, steps=4)
     return p.parse_args()
 
 
@@ -123,97 +116,20 @@ def inputs(config: dict, args: argparse.Namespace) -> dict:
     return x
 
 
-def stepper(module, forward, x):
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    module.train()
-
-    def step() -> float:
-        loss = torch.nn.functional.mse_loss(forward(x).float(), x["target"].float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def activation_bytes(module: torch.nn.Module, forward, x) -> int:
-    """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(x)
-    total = sum(kept.values())
-    out.float().mean().backward()
-    module.zero_grad(set_to_none=True)
-    return total
-
-
-def peak_bytes(step, device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def run(name: str, args: argparse.Namespace) -> None:
     config = sizes(name, args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "transformer"
         write_reference(config, folder)
         x = inputs(config, args)
-        steps, activations = {}, {}
-        for which in ("diffcore", "diffusers"):
-            module, forward = build(which, name, args, folder)
-            activations[which] = activation_bytes(module, forward, x)
-            steps[which] = stepper(module, forward, x)
-        losses = {w: steps[w]() for w in steps}  # same weights, same batch: the first losses agree
-        for _ in range(args.warmup):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {w: [] for w in steps}
-        for _ in range(args.steps):
-            for which, step in steps.items():
-                sync(args.device)
-                start = time.perf_counter()
-                step()
-                sync(args.device)
-                times[which].append(time.perf_counter() - start)
-        peak = {w: peak_bytes(steps[w], args.device) for w in steps}
-    ms = {w: statistics.median(t) * 1000 for w, t in times.items()}
+        figures = compare({w: build(w, name, args, folder) for w in ("diffcore", "diffusers")}, x, args)
     hidden = config["attention_head_dim"] * config["num_attention_heads"]
-    print(
+    title = (
         f"flux2 {name}-shaped: hidden {hidden}, {config['num_layers']}+{config['num_single_layers']} blocks, "
         f"batch {args.batch}, {args.latent**2} target + {args.reference**2} reference + {args.txt_len} text tokens, "
-        f"{args.dtype} on {args.device}" + (", activation checkpointing" if args.checkpointing else "")
+        f"{args.dtype} on {args.device}"
     )
-    print(f"  first loss: diffcore {losses['diffcore']:.6f}  diffusers {losses['diffusers']:.6f}")
-    mib = 2**20
-    for w in ("diffcore", "diffusers"):
-        line = f"  {w:>9}: step {ms[w]:8.1f} ms (median of {args.steps})  activations {activations[w] / mib:8.1f} MiB"
-        if peak[w] is not None:
-            line += f"  peak step memory {peak[w] / mib:8.1f} MiB"
-        print(line)
-    ratios = f"time {ms['diffcore'] / ms['diffusers']:.3f}  activations {activations['diffcore'] / activations['diffusers']:.3f}"
-    if peak["diffcore"] is not None:
-        ratios += f"  peak memory {peak['diffcore'] / peak['diffusers']:.3f}"
-    print("  ratio diffcore/diffusers: " + ratios)
+    report(title, figures, args, indent="  ")
 
 
 def main() -> None:

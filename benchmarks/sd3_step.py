@@ -18,12 +18,11 @@ by default), so other work on a shared machine does not count; on CUDA it is wal
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _step_harness import add_common_options, compare, report
 
 
 def parse() -> argparse.Namespace:
@@ -36,13 +35,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--txt-len", type=int, default=96, help="77 CLIP tokens + the T5 tokens")
     p.add_argument("--text-dim", type=int, default=256, help="T5 width (4096 for the real model)")
     p.add_argument("--pooled-dim", type=int, default=128, help="pooled CLIP-L + CLIP-G width (2048 real)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--checkpointing", action="store_true", help="per-block activation checkpointing in both")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps shared machines steady)")
+    add_common_options(p, steps=8)
     return p.parse_args()
 
 
@@ -117,56 +110,6 @@ def inputs(args: argparse.Namespace) -> dict:
     )
 
 
-def stepper(module, forward, x):
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    module.train()
-
-    def step() -> float:
-        loss = torch.nn.functional.mse_loss(forward(x).float(), x["target"].float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def activation_bytes(module: torch.nn.Module, forward, x) -> int:
-    """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in module.buffers()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(x)
-    total = sum(kept.values())
-    out.float().mean().backward()
-    module.zero_grad(set_to_none=True)
-    return total
-
-
-def peak_bytes(step, device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def main() -> None:
     args = parse()
     if args.device == "cpu":
@@ -175,50 +118,13 @@ def main() -> None:
         folder = Path(tmp) / "transformer"
         write_reference(args, folder)
         x = inputs(args)
-        steps, activations = {}, {}
-        for which in ("diffcore", "diffusers"):
-            module, forward = build(which, args, folder)
-            activations[which] = activation_bytes(module, forward, x)
-            steps[which] = stepper(module, forward, x)
-        losses = {w: steps[w]() for w in steps}  # same weights, same batch: the first losses agree
-        for _ in range(args.warmup):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {w: [] for w in steps}
-        clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
-        for _ in range(args.steps):
-            for which, step in steps.items():
-                sync(args.device)
-                start = clock()
-                step()
-                sync(args.device)
-                times[which].append(clock() - start)
-        peak = {w: peak_bytes(steps[w], args.device) for w in steps}
-    ms = {w: statistics.median(t) * 1000 for w, t in times.items()}
-    best = {w: min(t) * 1000 for w, t in times.items()}
+        figures = compare({w: build(w, args, folder) for w in ("diffcore", "diffusers")}, x, args)
     tokens = (args.latent // 2) ** 2
-    print(
+    title = (
         f"sd3.5 {args.variant}: hidden {args.hidden}, {args.depth} blocks, batch {args.batch}, "
         f"{tokens} image + {args.txt_len} text tokens, {args.dtype} on {args.device}"
-        + (", activation checkpointing" if args.checkpointing else "")
     )
-    print(f"first loss: diffcore {losses['diffcore']:.6f}  diffusers {losses['diffusers']:.6f}")
-    mib = 2**20
-    for w in ("diffcore", "diffusers"):
-        line = (
-            f"{w:>9}: step {ms[w]:8.1f} ms (median of {args.steps}, best {best[w]:.1f})"
-            f"  activations {activations[w] / mib:8.1f} MiB"
-        )
-        if peak[w] is not None:
-            line += f"  peak step memory {peak[w] / mib:8.1f} MiB"
-        print(line)
-    ratios = (
-        f"time {ms['diffcore'] / ms['diffusers']:.3f} (best {best['diffcore'] / best['diffusers']:.3f})"
-        f"  activations {activations['diffcore'] / activations['diffusers']:.3f}"
-    )
-    if peak["diffcore"] is not None:
-        ratios += f"  peak memory {peak['diffcore'] / peak['diffusers']:.3f}"
-    print("ratio diffcore/diffusers: " + ratios)
+    report(title, figures, args)
 
 
 if __name__ == "__main__":
