@@ -235,16 +235,18 @@ def test_the_cheapest_setting_that_fits_is_chosen():
 
 def test_a_full_finetune_is_never_given_swap_or_a_quantised_base():
     from diffcore.plan.costs import Settings
-    from diffcore.plan.search import plan
+    from diffcore.plan.search import fits, plan
 
     result = plan(_inventory(full=True), Settings(), vram=40 * 2**30, gpus=4, small_optimizers=["adamw8bit"])
     assert result.options and all(
         e.settings.blocks_to_swap == 0 and e.settings.quantize == "none" for e in result.options
     )
-    # 10 GiB of fp32 weights, 20 of gradients and their flat copy, 20 of AdamW state: ZeRO over 4 GPUs
+    # 10 GiB of fp32 weights, 10 of gradients, 20 of AdamW state: ZeRO over 4 GPUs
     assert result.chosen is not None and result.chosen.settings.zero_stage >= 1
-    one = plan(_inventory(full=True), Settings(), vram=48 * 2**30, small_optimizers=["adamw8bit"])
-    # on one GPU: 8-bit AdamW state (2 bytes a parameter instead of 8) is what fits, no slower
+    one = plan(_inventory(full=True), Settings(), vram=36 * 2**30, small_optimizers=["adamw8bit"])
+    # on one GPU, 40 GiB as written (the fused AdamW step adds no temporaries): 8-bit AdamW state (2 bytes
+    # a parameter instead of 8) is what fits without offload, no slower
+    assert not fits(one.written, 36 * 2**30, None)
     assert one.chosen is not None and one.chosen.settings == Settings(optimizer="adamw8bit")
 
 
@@ -300,3 +302,22 @@ def test_bad_input_exits_2(tmp_path, capsys):
     validate_says = capsys.readouterr().err
     assert main(["plan", str(bad), "--vram", "24GB"]) == 2
     assert capsys.readouterr().err == validate_says and "$.train.steps" in validate_says
+
+
+def test_only_a_foreach_adamw_step_holds_a_temporary_per_parameter():
+    from diffcore.config.job import structure_job
+    from diffcore.plan.costs import Settings, estimate
+    from diffcore.plan.search import settings_of
+
+    inv = _inventory(full=True)  # the step's peak is the gradients plus the optimizer's temporaries
+    fused, foreach = estimate(inv, Settings()), estimate(inv, Settings(adamw_foreach=True))
+    assert foreach.device - fused.device == 4 * inv.trainable.params
+    job = {"model": {"type": "example-tiny"}, "data": {"type": "synthetic"}, "output_dir": "x"}
+    for optimizer, expected in [
+        ({}, False),
+        ({"fused": False}, True),
+        ({"fused": False, "foreach": False}, False),
+        ({"foreach": True}, True),
+    ]:
+        train = {"optimizer": {"type": "adamw", **optimizer}}
+        assert settings_of(structure_job({**job, "train": train})).adamw_foreach is expected, optimizer

@@ -36,7 +36,8 @@ RUNTIME_BYTES = 24 * 2**20
 CUDA_CONTEXT_BYTES = 2**29
 MASTER_BYTES = 8.0
 #: bytes per trained parameter of the optimizer step's temporaries (foreach kernels over the whole
-#: parameter list; bitsandbytes and Adafactor work tensor by tensor)
+#: parameter list; bitsandbytes and Adafactor work tensor by tensor; adamw only with foreach, see
+#: Settings.adamw_foreach)
 STEP_TEMP_BYTES = {
     "adamw": 4.0,
     "prodigy": 4.0,
@@ -75,6 +76,9 @@ class Settings:
     offload_params: bool = False
     #: the optimizer keeps momentum (sgd only)
     momentum: bool = False
+    #: the built-in adamw runs torch's foreach kernels (``fused: false``), which hold a temporary per
+    #: parameter across the whole list; its default fused kernel (CUDA and CPU) holds none
+    adamw_foreach: bool = False
 
 
 @attrs.frozen
@@ -157,7 +161,8 @@ def estimate(
         grads /= gpus
     # the optimizer step holds the gradients and its own temporaries (torch's foreach AdamW takes the
     # square root of every second moment at once: one fp32 value per parameter)
-    step_temp = 0.0 if s.offload_optimizer else STEP_TEMP_BYTES.get(s.optimizer, 0.0) * params
+    per_param = 0.0 if s.optimizer == "adamw" and not s.adamw_foreach else STEP_TEMP_BYTES.get(s.optimizer, 0.0)
+    step_temp = 0.0 if s.offload_optimizer else per_param * params
     if s.zero_stage >= 1:
         step_temp /= gpus
     activations = max(activations, grads + step_temp)

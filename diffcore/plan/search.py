@@ -16,6 +16,12 @@ def settings_of(job: Any) -> Settings:
     ds = job.train.deepspeed
     optimizer = job.optimizer.type if job.optimizer is not None else "adamw"
     momentum = optimizer == "sgd" and float(job.optimizer.config.momentum) > 0
+    foreach = False
+    if optimizer == "adamw" and job.optimizer is not None:
+        # diffcore.training.fast_paths.adamw_kernels: fused unless the job turns it off; then torch's
+        # foreach kernels unless those are off too (a loop over tensors holds one tensor's temporaries)
+        config = job.optimizer.config
+        foreach = config.foreach is True or (config.fused is False and config.foreach is not False)
     return Settings(
         blocks_to_swap=job.train.blocks_to_swap,
         quantize=job.model.quantize,
@@ -25,6 +31,7 @@ def settings_of(job: Any) -> Settings:
         offload_optimizer=ds.offload_optimizer,
         offload_params=ds.offload_params,
         momentum=momentum,
+        adamw_foreach=foreach,
     )
 
 
