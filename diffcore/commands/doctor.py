@@ -51,10 +51,11 @@ def doctor_command(args: argparse.Namespace) -> int:
     found: dict[str, Any] = {"job": args.job, "scan_s": scan_s, **_data(report), "notes": notes}
     found["missing_packages"] = [{"package": w.package, "why": w.why, "required": w.required} for w in missing(job)]
     if not args.no_step:
-        from diffcore.doctor.step import build, estimate_cache, largest, measure_step
+        from diffcore.doctor.step import build, estimate_cache, measure_step
+        from diffcore.training.assemble import largest_example
 
         ctx = build(job, dataset)
-        found["step"] = _asdict(measure_step(ctx, largest(dataset)))
+        found["step"] = _asdict(measure_step(ctx, largest_example(dataset)))
         cache_dir = getattr(job.data.config, "cache_dir", None)
         if cache_dir:
             found["cache"] = {"dir": cache_dir, **_asdict(estimate_cache(ctx, report))}

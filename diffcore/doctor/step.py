@@ -14,11 +14,12 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.api import build_component, build_model
+from diffcore.api import build_model
 from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.crops import buckets_of, image_datasets
 from diffcore.errors import TrainingError, UserError
+from diffcore.training.assemble import context_for, largest_example
 
 
 @attrs.frozen
@@ -50,45 +51,17 @@ class CacheFigures:
 def build(job: Any, dataset: Any) -> TrainContext:
     """The model, scheduler, method and adapter as the run builds them, on the job's device."""
     from diffcore.training.distributed import pick_device
-    from diffcore.training.loop import scheduler_section
 
     device = pick_device(job.train.device, 0)
     model = build_model(job.model.type, job.model.config, quantize=job.model.quantize, device=device,
                         mixed_precision=job.train.mixed_precision)  # fmt: skip
-    sched = scheduler_section(job, model)
-    ctx = TrainContext(
-        job=job,
-        model=model,
-        scheduler=build_component("scheduler", sched.type, sched.config),
-        method=build_component("method", job.method.type, job.method.config),
-        dataset=dataset,
-        output_dir=Path(job.output_dir),
-        device=device,
-    )
     model.to(device)
     if job.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
-    if job.adapter is not None:
-        ctx.adapter = build_component("adapter", job.adapter.type, job.adapter.config)
-        ctx.adapter_params = list(ctx.adapter.attach(model))
-    ctx.method_modules = dict(ctx.method.modules(model))
-    for module in ctx.method_modules.values():
-        module.to(device).train()
-    params = [*ctx.method.setup(ctx), *(p for m in ctx.method_modules.values() for p in m.parameters())]
-    unique: dict[int, torch.nn.Parameter] = {}
-    for param in params:
-        if param.requires_grad:
-            unique.setdefault(id(param), param)
-    ctx.trainable = list(unique.values())
+    ctx = context_for(job, model, dataset, device)
     if not ctx.trainable:
         raise UserError("nothing to train: the method and adapter left no trainable parameters", where="$.method")
     return ctx
-
-
-def largest(dataset: Any) -> int:
-    """The index of an example in the largest bucket (by area)."""
-    sizes = buckets_of(dataset)
-    return max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
 
 
 class ResidentPeak:
@@ -211,7 +184,7 @@ def estimate_cache(ctx: TrainContext, report: Any) -> CacheFigures:
     """Size and time of filling ``data.cache_dir`` from nothing, scaled from one encoded example at
     the largest bucket (latent size and encoding time grow with the pixel count)."""
     dataset = ctx.dataset
-    index = largest(dataset)
+    index = largest_example(dataset)
     example = dataset[index]
     pixels = example["pixels"][None].to(ctx.device)
     start = time.perf_counter()

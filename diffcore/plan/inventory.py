@@ -5,7 +5,6 @@ training step at the largest bucket, measured with and without activation checkp
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -17,6 +16,7 @@ from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.crops import buckets_of
 from diffcore.plan.live import LiveBytes, fused_attention
+from diffcore.training.assemble import context_for, largest_example
 
 META = torch.device("meta")
 
@@ -118,34 +118,8 @@ def _build_model(job: Any, device: torch.device) -> Any:
 
 def build_context(job: Any, dataset: Any, device: torch.device = META) -> TrainContext:
     """The model, scheduler, method and adapter as a run builds them, every weight on ``device``."""
-    from diffcore.training.loop import scheduler_section
+    return context_for(job, _build_model(job, device), dataset, device, build_on=device)
 
-    model = _build_model(job, device)
-    sched = scheduler_section(job, model)
-    ctx = TrainContext(
-        job=job,
-        model=model,
-        scheduler=build_component("scheduler", sched.type, sched.config),
-        method=build_component("method", job.method.type, job.method.config),
-        dataset=dataset,
-        output_dir=Path(job.output_dir),
-        device=device,
-    )
-    with torch.device(device):
-        if job.adapter is not None:
-            ctx.adapter = build_component("adapter", job.adapter.type, job.adapter.config)
-            ctx.adapter_params = list(ctx.adapter.attach(model))
-        ctx.method_modules = {name: m.to(device) for name, m in ctx.method.modules(model).items()}
-        for module in ctx.method_modules.values():
-            module.train()
-        params = [*ctx.method.setup(ctx), *(p for m in ctx.method_modules.values() for p in m.parameters())]
-    ctx.trainable = [p for p in _unique(params) if p.requires_grad]
-    return ctx
-
-
-def largest(dataset: Any) -> int:
-    sizes = buckets_of(dataset)
-    return max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
 
 
 def step_peak(ctx: TrainContext, batch: dict[str, Any]) -> int:
@@ -210,7 +184,7 @@ def inventory(job: Any, dataset: Any) -> Inventory:
             block_bytes.append(sum(p.numel() * p.element_size() for p in frozen))
             block_linear.append(sum(p.numel() * p.element_size() for p in frozen if id(p) in linear))
 
-    index = largest(ctx.dataset)
+    index = largest_example(ctx.dataset)
     bucket = buckets_of(ctx.dataset)[index]
     batch = collate([ctx.dataset[index]] * job.train.batch_size)
     model.backbone.train()
