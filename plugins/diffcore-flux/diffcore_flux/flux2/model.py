@@ -218,13 +218,15 @@ class Flux2Model(DiffusionModel):
         attention = 4 * n * n * d
         double = 2 * n * (4 * d * d + 3 * m * d) + attention
         single = 2 * n * (d * (3 * d + 2 * m) + (d + m) * d) + attention
+        # the last block's queries and linear2 run over the image tokens only
+        last = n_txt * (4 * n * d + 2 * (d + m) * d) if s.depth_single else 0
         io = 2 * d * (n_img * (s.in_channels + s.out_channels) + n_txt * s.context_in_dim)  # each stream its own
         net = self.backbone
         once = linear_flops(  # the time embedding and the shared modulations, once per sample
             net.time_in, net.guidance_in, net.double_stream_modulation_img, net.double_stream_modulation_txt,
             net.single_stream_modulation, net.final_layer.adaLN_modulation,
         )  # fmt: skip
-        return float(s.depth * double + s.depth_single * single + io + once)
+        return float(s.depth * double + s.depth_single * single - last + io + once)
 
     # -- adapters and export ---------------------------------------------------------------------
     def adapter_key(self, module_path: str, layout: Literal["original", "diffusers"]) -> AdapterKey:

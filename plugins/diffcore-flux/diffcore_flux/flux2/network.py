@@ -5,8 +5,9 @@ What differs from Flux.1 (:mod:`diffcore_flux.network`): no Linear has a bias; n
 ``double_stream_modulation_img/txt`` (6 chunks each) and ``single_stream_modulation`` (3 chunks) and
 handed to every block; the MLPs are SwiGLU (``silu(gate) * value``, gate half first), so a double
 block's ``img_mlp.0`` emits 2 * mlp_hidden and a single block's fused ``linear1`` emits
-3 * dim + 2 * mlp_hidden; RoPE runs over 4 axes (t, h, w, l) with theta 2000. The QK-norm modules and
-the fused-qkv split are Flux.1's; the norms, SwiGLU and RoPE go through :mod:`diffcore_flux.flux2.lean`.
+3 * dim + 2 * mlp_hidden; RoPE runs over 4 axes (t, h, w, l) with theta 2000. The QK-norm modules are
+Flux.1's; the norms, the fused projections' split into heads, SwiGLU and RoPE go through
+:mod:`diffcore_flux.flux2.lean`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from torch import nn
 
 from diffcore.nn import attention, checkpointed, modulate, rope_frequencies, timestep_embedding
 from diffcore_flux.flux2.config import Flux2Shape
-from diffcore_flux.flux2.lean import apply_rope, norm_modulate, rope_cis, swiglu
-from diffcore_flux.network import QKNorm, _split_qkv
+from diffcore_flux.flux2.lean import (
+    apply_rope,
+    norm_modulate,
+    rope_cis,
+    split_heads,
+    split_heads_swiglu,
+    swiglu,
+)
+from diffcore_flux.network import QKNorm, _rms
 
 #: the complex RoPE table (L, head_dim / 2)
 Rope = torch.Tensor
@@ -111,7 +119,8 @@ class DoubleStreamBlock(nn.Module):
 
     @staticmethod
     def _qkv(attn: SelfAttention, x: torch.Tensor, mod: Mod):
-        return _split_qkv(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads, attn.norm)
+        q, k, v = split_heads(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads)
+        return _rms(attn.norm.query_norm, q), _rms(attn.norm.key_norm, k), v
 
     @staticmethod
     def _residual(x, attn_out, mod: Mod, attn: SelfAttention, mlp: nn.Module) -> torch.Tensor:
@@ -121,7 +130,11 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """One stream over the joined sequence; attention and the SwiGLU MLP from one fused ``linear1``."""
+    """One stream over the joined sequence; attention and the SwiGLU MLP from one fused ``linear1``.
+
+    ``rows`` (the last block: the tokens the final layer reads) computes the queries, the MLP and
+    ``linear2`` for those rows only; keys and values still come from every token.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int):
         super().__init__()
@@ -131,15 +144,16 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = _linear(dim, 3 * dim + 2 * mlp_hidden)
         self.linear2 = _linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // heads)
-        self.mlp_act = SwiGLU()
 
-    def forward(self, x: torch.Tensor, mod: Mod, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mod: Mod, rope: Rope, rows: slice | None = None) -> torch.Tensor:
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(norm_modulate(x, shift, scale)).split(
-            (3 * self.dim, 2 * self.mlp_hidden), dim=-1
-        )
-        q, k, v = _split_qkv(qkv, self.heads, self.norm)
-        out = self.linear2(torch.cat((_rope_attention(q, k, v, rope), self.mlp_act(mlp)), dim=-1))
+        q, k, v, mlp = split_heads_swiglu(self.linear1(norm_modulate(x, shift, scale)), self.heads, self.mlp_hidden)
+        q_rope = rope
+        if rows is not None:
+            q, mlp, x, q_rope = q[:, :, rows], mlp[:, rows], x[:, rows], rope[..., rows, :]
+        q, k = _rms(self.norm.query_norm, q), _rms(self.norm.key_norm, k)
+        attn = attention(apply_rope(q, q_rope), apply_rope(k, rope), v)
+        out = self.linear2(torch.cat((attn, mlp), dim=-1))
         return torch.addcmul(x, gate[:, None], out)
 
 
@@ -213,10 +227,15 @@ class Flux2Transformer(nn.Module):
             img, txt = checkpointed(block, img, txt, img_mod, txt_mod, rope, enabled=on)
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = checkpointed(block, x, single_mod, rope, enabled=on)
-        end = x.shape[1] if keep is None else n_txt + keep
-        return self.final_layer(x[:, n_txt:end], vec)
+        # only the image tokens (the first ``keep``) reach the final layer: the last block computes
+        # nothing else past its keys and values
+        rows = slice(n_txt, x.shape[1] if keep is None else n_txt + keep)
+        last = len(self.single_blocks) - 1
+        for i, block in enumerate(self.single_blocks):
+            x = checkpointed(block, x, single_mod, rope, rows if i == last else None, enabled=on)
+        if not self.single_blocks:
+            x = x[:, rows]
+        return self.final_layer(x, vec)
 
 
 def _embed_time(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
