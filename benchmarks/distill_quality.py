@@ -43,6 +43,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=2048, help="reflow pairs")
     p.add_argument("--reflow-steps", type=int, default=1500)
     p.add_argument("--consistency-steps", type=int, default=1500)
+    p.add_argument("--focus", type=float, default=0.5, help="reflow: share of training times at the 2- and 4-step levels")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--per-class", type=int, default=16)
@@ -101,7 +102,9 @@ def student_job(name: str, teacher: Path, method: dict[str, Any], steps: int, ar
         "name": name,
         "seed": 0,
         "model": {"type": "dit", **quickstart_model()},
-        "scheduler": {"type": "flow"},
+        # 1 to 1/steps: the students' few-step levels (1, 0.5 at 2 steps; the default spacing's 2
+        # steps are one in effect)
+        "scheduler": {"type": "flow", "sigma_spacing": "flux"},
         "method": method,
         "data": {"type": "synthetic", "resolution": 32, "size": 4096},
         "train": {
@@ -149,7 +152,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if "reflow" in methods:
         method = {"type": "reflow", "pairs": args.pairs, "shard_size": 256, "sample_steps": 20, "guidance": GUIDANCE,
-                  "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"), "teacher": str(teacher)}  # fmt: skip
+                  "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"), "teacher": str(teacher),
+                  "focus": args.focus, "focus_steps": [2, 4]}  # fmt: skip
         folder = args.work / "reflow"
         diffcore_run(student_job("reflow", teacher, method, args.reflow_steps, args), folder)
         students.append(("reflow", load_dit(folder / "final" / "ema.safetensors"), "euler"))

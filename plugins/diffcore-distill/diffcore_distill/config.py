@@ -73,3 +73,11 @@ class ReflowConfig(DistillConfig):
     resolution: int | None = None
     #: images per teacher call
     generation_batch: int = 64
+    #: share of training times drawn from the levels a few-step Euler sampler evaluates
+    #: (``focus_steps``, spaced as the job's scheduler spaces them); the rest come from the
+    #: scheduler's timestep sampling. A logit-normal draw puts ~1% of the times above 0.9, yet
+    #: every few-step sample starts with a prediction from pure noise (t = 1), the hardest one.
+    focus: float = 0.5
+    #: the step counts whose sampling levels ``focus`` draws from (with flux spacing, 2 steps
+    #: evaluate t = 1 and 0.5, 4 steps 1, 0.75, 0.5, 0.25)
+    focus_steps: list[int] = attrs.Factory(lambda: [2, 4])

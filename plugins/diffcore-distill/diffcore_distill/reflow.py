@@ -12,7 +12,7 @@ from diffcore.context import TrainContext
 from diffcore.errors import Problem, UserError
 from diffcore.method import Logs
 from diffcore.methods.diffusion import DiffusionMethod, drop_conditions
-from diffcore.sampling import generate, noise_like
+from diffcore.sampling import build_sampler, generate, noise_like
 from diffcore_distill.config import ReflowConfig
 from diffcore_distill.consistency import check_zero3
 from diffcore_distill.pairs import PairCache, Pairs
@@ -41,6 +41,10 @@ class ReflowMethod(DiffusionMethod):
         for key in ("pairs", "shard_size", "sample_steps", "generation_batch"):
             if getattr(c, key) < 1:
                 problems.append(Problem(f"{WHERE}.{key}", f"must be at least 1, got {getattr(c, key)}"))
+        if not 0.0 <= c.focus <= 1.0:
+            problems.append(Problem(f"{WHERE}.focus", f"must be in [0, 1], got {c.focus}"))
+        if c.focus > 0 and (not c.focus_steps or min(c.focus_steps) < 1):
+            problems.append(Problem(f"{WHERE}.focus_steps", f"must be step counts of at least 1, got {c.focus_steps}"))
         if c.resolution is not None and c.resolution < 8:
             problems.append(Problem(f"{WHERE}.resolution", f"must be at least 8, got {c.resolution}"))
         check_zero3(job, problems)
@@ -71,6 +75,8 @@ class ReflowMethod(DiffusionMethod):
             "teacher": c.teacher,
             "sampler": c.sampler,
             "sample_steps": c.sample_steps,
+            # the noise levels the teacher walks (the job scheduler's spacing and shift make them)
+            "levels": [round(float(v), 6) for v in self.teacher_levels(ctx, side)],
             "guidance": c.guidance,
             "resolution": side,
             "seed": ctx.job.seed,
@@ -79,6 +85,13 @@ class ReflowMethod(DiffusionMethod):
             "dataset": len(ctx.dataset),
         }
         return PairCache(folder, spec)
+
+    def teacher_levels(self, ctx: TrainContext, side: int) -> torch.Tensor:
+        model, down = ctx.model, int(ctx.model.latent_downscale)
+        latents = torch.empty(1, int(model.latent_channels), side // down, side // down)
+        seq_len = int(model.sequence_length(latents)) if ctx.scheduler.kind == "flow" else None
+        schedule_as = build_sampler(self.config.sampler).schedule_as
+        return ctx.scheduler.sampling_schedule(self.config.sample_steps, schedule_as, seq_len=seq_len).levels
 
     def make_pairs(self, ctx: TrainContext) -> Pairs:
         cache = self.cache(ctx)
@@ -144,7 +157,12 @@ class ReflowMethod(DiffusionMethod):
             cond_batch = drop_conditions(model, cond_batch, rand.rand(b) < self.config.condition_dropout)
         cond = model.encode_conditions(cond_batch)
         seq_len = model.sequence_length(sample)
-        t = rand.call(lambda n, g: sched.sample_t(n, g, torch.device("cpu"), seq_len=seq_len), b).to(ctx.device)
+        t = rand.call(lambda n, g: sched.sample_t(n, g, torch.device("cpu"), seq_len=seq_len), b)
+        if self.config.focus > 0:
+            levels = self.focus_levels(ctx, seq_len)
+            pick = rand.call(lambda m, g: torch.randint(0, len(levels), (m,), generator=g, device=g.device), b).cpu()
+            t = torch.where(rand.rand(b).cpu() < self.config.focus, levels[pick], t.cpu())
+        t = t.to(ctx.device)
         noisy = sched.add_noise(sample, noise, t)
         extra: dict[str, Any] = {}
         if model.guidance_embedded:
@@ -152,6 +170,12 @@ class ReflowMethod(DiffusionMethod):
         pred = self.predict(model, noisy, t, cond, cond_batch, **extra).float()
         target = sched.target(sample, noise, t, "flow").float()
         return self.regression(ctx, pred, target, t, cond_batch).mean(), {}
+
+
+    def focus_levels(self, ctx: TrainContext, seq_len: int) -> torch.Tensor:
+        """Every level (but the final 0) that Euler sampling at each of ``focus_steps`` evaluates."""
+        schedules = [ctx.scheduler.sampling_schedule(n, "euler", seq_len=seq_len) for n in self.config.focus_steps]
+        return torch.cat([s.levels[:-1].float() for s in schedules])
 
 
 def cache_side(config: ReflowConfig, ctx: TrainContext) -> int:

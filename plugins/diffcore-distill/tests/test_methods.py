@@ -16,6 +16,7 @@ from diffcore_distill.reflow import ReflowMethod, pair_seed
 from diffcore_distill.teacher import EMATarget
 
 import diffcore
+from diffcore.context import StepRandom
 from diffcore.errors import UserError
 from diffcore.sampling import generate
 from diffcore.testing import assert_entry_points_light, fake_context, first_batch, run_cli, run_job
@@ -179,6 +180,45 @@ def test_reflow_loss_regresses_the_straight_line(tmp_path: Path) -> None:
     again = generate(model, ctx.scheduler, batch={"labels": labels[4:6]}, height=8, width=8, steps=2, guidance=1.0,
                      seed=[pair_seed(0, 4), pair_seed(0, 5)], return_latents=True)  # fmt: skip
     torch.testing.assert_close(method.pairs.sample[4:6], again)
+
+
+def test_reflow_focus_trains_at_the_few_step_levels(tmp_path: Path) -> None:
+    # every few-step sample starts with a prediction from pure noise (t = 1), which a logit-normal
+    # draw almost never trains; focus puts that share of the times on the sampler's own levels
+    model = tiny_dit("flow")
+    flux = diffcore.build_component("scheduler", "flow", {"sigma_spacing": "flux"})
+    seen: list[torch.Tensor] = []
+
+    def times(focus: float) -> torch.Tensor:
+        config = ReflowConfig(pairs=4, shard_size=4, sample_steps=2, guidance=1.0, focus=focus, focus_steps=[2, 4],
+                              cache_dir=str(tmp_path / "pairs"))  # fmt: skip
+        method = ReflowMethod(config)
+        ctx = fake_context(model, method=method, scheduler=flux, dataset=dataset())
+        seen.clear()
+        real = method.predict
+        method.predict = lambda m, x, t, *a, **k: seen.append(t.clone()) or real(m, x, t, *a, **k)  # type: ignore[method-assign]
+        for micro_step in range(16):
+            ctx.step_random = StepRandom(0, micro_step)
+            method.loss(ctx, first_batch(ctx.dataset, 4))
+        return torch.cat(seen)
+
+    levels = {1.0, 0.75, 0.5, 0.25}
+    all_focused = times(1.0)
+    assert {round(float(t), 6) for t in all_focused} == levels
+    half = times(0.5)
+    on_levels = torch.tensor([round(float(t), 6) in levels for t in half])
+    assert 0.3 < on_levels.float().mean() < 0.7
+    assert not {round(float(t), 6) for t in times(0.0)} & levels
+
+
+def test_pairs_of_other_teacher_levels_are_refused(tmp_path: Path) -> None:
+    # the pairs depend on the levels the teacher walked: another sigma spacing makes other pairs
+    model = tiny_dit("flow")
+    config = ReflowConfig(pairs=2, shard_size=2, sample_steps=3, guidance=1.0, cache_dir=str(tmp_path / "pairs"))
+    fake_context(model, method=ReflowMethod(config), scheduler=scheduler("flow"), dataset=dataset())
+    flux = diffcore.build_component("scheduler", "flow", {"sigma_spacing": "flux"})
+    with pytest.raises(UserError, match=r"other settings \(levels\)"):
+        fake_context(model, method=ReflowMethod(config), scheduler=flux, dataset=dataset())
 
 
 # -- the pair cache -------------------------------------------------------------------------------
