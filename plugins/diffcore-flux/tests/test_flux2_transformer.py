@@ -154,8 +154,10 @@ def test_wrong_checkpoints_are_user_errors(tmp_path):
 
 
 @pytest.mark.parametrize("dev", DEV, ids=IDS)
-def test_gradients_match_diffusers(tmp_path, dev):
-    """Backward through the lean norm/modulation and SwiGLU functions gives diffusers' gradients."""
+@pytest.mark.parametrize("keep", [None, 12], ids=["all", "target"])
+def test_gradients_match_diffusers(tmp_path, dev, keep):
+    """Backward through the lean norm/modulation and SwiGLU functions gives diffusers' gradients, also
+    when only the target's tokens are kept (the last block then computes those rows only)."""
     ref = reference_transformer(dev)
     ref.save_pretrained(tmp_path / "diffusers")
     model = diffcore.load_model("flux2", pretrained=tmp_path / "diffusers", variant=variant(dev))
@@ -165,12 +167,13 @@ def test_gradients_match_diffusers(tmp_path, dev):
         x["img"].requires_grad_(True)
         x["txt"].requires_grad_(True)
         if run == "ours":
-            out = model.backbone(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["guidance"])
+            out = model.backbone(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["guidance"], keep=keep)
         else:
             out = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["t"], img_ids=x["img_ids"],
-                      txt_ids=x["txt_ids"], guidance=x["guidance"]).sample  # fmt: skip
+                      txt_ids=x["txt_ids"], guidance=x["guidance"]).sample[:, :keep]  # fmt: skip
         out.square().mean().backward()
-        grads.append((x["img"].grad, x["txt"].grad))
+        grads.append((out.detach(), x["img"].grad, x["txt"].grad))
+    assert grads[0][0].shape[1] == (keep or x["img"].shape[1])
     for ours, theirs in zip(grads[0], grads[1], strict=True):
         assert_outputs_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
@@ -197,6 +200,29 @@ def test_lean_functions_have_the_compositions_gradients():
     tables = rope_frequencies(grid_ids(3, 4), AXES, 2000.0)
     q = torch.randn(2, 3, 12, sum(AXES), generator=g)
     torch.testing.assert_close(complex_rope(q, rope_cis(*tables)), apply_rope(q, *tables))
+
+
+@pytest.mark.parametrize("rows", [None, slice(2, 5), slice(0, 6)], ids=["all", "middle", "leading"])
+def test_split_heads_has_the_compositions_values_and_gradients(rows):
+    """The fused projections' split (and a single block's SwiGLU half) with its one-buffer backward:
+    q, k, v and the SwiGLU of the kept rows equal slicing, and gradcheck holds (zeros where rows skip)."""
+    from diffcore_flux.flux2.lean import split_heads, split_heads_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    heads, head, hidden = 2, 3, 4
+    y = torch.randn(2, 7, 3 * heads * head + 2 * hidden, dtype=torch.float64, generator=g, requires_grad=True)
+    kept = rows or slice(None)
+    q, k, v = y[..., : 3 * heads * head].unflatten(-1, (3, heads, head)).permute(2, 0, 3, 1, 4)
+    gate, value = y[:, kept, 3 * heads * head :].chunk(2, dim=-1)
+    for got, want in zip(
+        split_heads_swiglu(y, heads, hidden, rows), (q[:, :, kept], k, v, torch.nn.functional.silu(gate) * value)
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda t: split_heads_swiglu(t, heads, hidden, rows), (y,))
+    x = y[..., : 3 * heads * head].detach().clone().requires_grad_(True)
+    for got, want in zip(split_heads(x, heads), (q, k, v)):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, heads), (x,))
 
 
 def test_export_loads_back_and_the_cli_refuses_a_flux1_checkpoint(tmp_path):

@@ -47,52 +47,66 @@ class _SplitHeads(torch.autograd.Function):
     # Autograd's own split of a fused projection's output sends the q, k, v gradients through a
     # stack, a copy back to the (B, L, 3, H, D) layout and, in a single block, a concatenation with
     # the MLP half's gradient: three copies of the widest gradient of the block. This backward
-    # writes each into its place of one buffer, and the SwiGLU half in place beside them.
+    # writes each into its place of one buffer, and the SwiGLU half in place beside them. ``rows``
+    # keeps the queries and the SwiGLU of those tokens only (their gradient elsewhere is zero).
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, heads: int, mlp_hidden: int) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, y: torch.Tensor, heads: int, mlp_hidden: int, rows: slice | None
+    ) -> tuple[torch.Tensor, ...]:
         width = y.shape[-1] - 2 * mlp_hidden
-        ctx.heads, ctx.width, ctx.mlp_hidden = heads, width, mlp_hidden
+        ctx.heads, ctx.width, ctx.mlp_hidden, ctx.rows = heads, width, mlp_hidden, rows
         q, k, v = _heads(y, heads, width)
+        if rows is not None:
+            q = q[:, :, rows]
         if not mlp_hidden:
             ctx.shape = y.shape
             return q, k, v
         ctx.save_for_backward(y)
-        gate, value = y[..., width:].chunk(2, dim=-1)
+        gate, value = y[:, rows or slice(None), width:].chunk(2, dim=-1)
         return q, k, v, F.silu(gate) * value
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         if ctx.mlp_hidden:
             (y,) = ctx.saved_tensors
             shape = y.shape
         else:
             shape = ctx.shape
+        rows = ctx.rows or slice(None)
         out = grads[0].new_empty(shape)
-        for place, grad in zip(_heads(out, ctx.heads, ctx.width), grads[:3]):
-            place.copy_(grad)
+        places = _heads(out, ctx.heads, ctx.width)
+        places[0][:, :, rows].copy_(grads[0])
+        places[1].copy_(grads[1])
+        places[2].copy_(grads[2])
+        if ctx.rows is not None:  # the rows left out got no gradient
+            start, stop, _ = rows.indices(shape[1])
+            for skipped in (slice(None, start), slice(stop, None)):
+                places[0][:, :, skipped].zero_()
+                out[:, skipped, ctx.width :].zero_()
         if ctx.mlp_hidden:
             grad = grads[3]
-            gate, value = y[..., ctx.width :].chunk(2, dim=-1)
-            d_gate, d_value = out[..., ctx.width :].chunk(2, dim=-1)
+            gate, value = y[:, rows, ctx.width :].chunk(2, dim=-1)
+            d_gate, d_value = out[:, rows, ctx.width :].chunk(2, dim=-1)
             torch.mul(grad, F.silu(gate), out=d_value)
             torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=d_gate)
-        return out, None, None
+        return out, None, None, None
 
 
 def split_heads(y: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused (B, L, 3 * H * D) projection as q, k, v (B, H, L, D) views; backward assembles their
     gradients in one buffer."""
-    q, k, v = _SplitHeads.apply(y, heads, 0)
+    q, k, v = _SplitHeads.apply(y, heads, 0, None)
     return q, k, v
 
 
 def split_heads_swiglu(
-    y: torch.Tensor, heads: int, mlp_hidden: int
+    y: torch.Tensor, heads: int, mlp_hidden: int, rows: slice | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A single block's fused (B, L, 3 * H * D + 2 * mlp_hidden) ``linear1`` output as q, k, v
     (B, H, L, D) views and the SwiGLU of the rest (gate half first), keeping only ``y`` for backward,
-    which writes every gradient into one buffer."""
-    q, k, v, act = _SplitHeads.apply(y, heads, mlp_hidden)
+    which writes every gradient into one buffer. With ``rows`` (a slice of L, step 1), the queries
+    and the SwiGLU of those tokens only."""
+    q, k, v, act = _SplitHeads.apply(y, heads, mlp_hidden, rows)
     return q, k, v, act
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffcore.nn import attention, checkpointed, modulate, rope_frequencies, timestep_embedding
+from diffcore.nn import attention, checkpointed, rope_frequencies, timestep_embedding
 from diffcore_flux.flux2.config import Flux2Shape
 from diffcore_flux.flux2.lean import (
     apply_rope,
@@ -38,10 +38,6 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rop
 
 def _linear(n_in: int, n_out: int) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=False)
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class SwiGLU(nn.Module):
@@ -112,9 +108,10 @@ class DoubleStreamBlock(nn.Module):
             torch.cat((txt_v, img_v), dim=2),
             rope,
         )
-        n_txt = txt.shape[1]
-        img = self._residual(img, out[:, n_txt:], img_mod, self.img_attn, self.img_mlp)
-        txt = self._residual(txt, out[:, :n_txt], txt_mod, self.txt_attn, self.txt_mlp)
+        # split, not two slices: its backward is one concatenation, not two zero-filled copies
+        txt_out, img_out = out.split((txt.shape[1], img.shape[1]), dim=1)
+        img = self._residual(img, img_out, img_mod, self.img_attn, self.img_mlp)
+        txt = self._residual(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
     @staticmethod
@@ -147,10 +144,11 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Mod, rope: Rope, rows: slice | None = None) -> torch.Tensor:
         shift, scale, gate = mod
-        q, k, v, mlp = split_heads_swiglu(self.linear1(norm_modulate(x, shift, scale)), self.heads, self.mlp_hidden)
+        y = self.linear1(norm_modulate(x, shift, scale))
+        q, k, v, mlp = split_heads_swiglu(y, self.heads, self.mlp_hidden, rows)
         q_rope = rope
         if rows is not None:
-            q, mlp, x, q_rope = q[:, :, rows], mlp[:, rows], x[:, rows], rope[..., rows, :]
+            x, q_rope = x[:, rows], rope[..., rows, :]
         q, k = _rms(self.norm.query_norm, q), _rms(self.norm.key_norm, k)
         attn = attention(apply_rope(q, q_rope), apply_rope(k, rope), v)
         out = self.linear2(torch.cat((attn, mlp), dim=-1))
@@ -160,13 +158,12 @@ class SingleStreamBlock(nn.Module):
 class LastLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
-        self.norm_final = _layer_norm(dim)
         self.linear = _linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), _linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale))
 
 
 class Flux2Transformer(nn.Module):
