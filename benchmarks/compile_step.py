@@ -5,13 +5,18 @@ transformer, in one process.
 Each architecture's four sides hold the same random weights (diffusers builds them, diffcore loads
 them) and take forward, MSE loss, backward and an AdamW step on the same batch. A compiled side's
 first step compiles: its time less the median step is the compile time. The steps then alternate
-over the four sides (a busy machine slows them alike) and the median of each is reported, with
+over the four sides (a busy machine slows them alike) and the median of each is reported (on a CPU
+this process's CPU time, so other work on a shared machine does not count; on CUDA wall time), with
 diffcore compiled / diffusers eager (target <= 0.8) and diffcore compiled / diffusers compiled
 (target <= 1.0), and the graph breaks dynamo took while compiling each side (target 0 in the blocks).
 Inductor's on-disk caches go to a fresh folder, so compile times are cold unless ``--warm-cache``.
+``--optimizer own`` (the default) gives each side its trainer's AdamW: diffcore's built-in ``adamw``
+(fused) on the diffcore sides, torch's defaults (what the diffusers scripts build) on the diffusers
+sides; ``--optimizer same`` torch's defaults on all four, so only the model and its compilation differ.
 
     python benchmarks/compile_step.py                          # CPU (inductor), a few minutes
     python benchmarks/compile_step.py --only dit --steps 20
+    python benchmarks/compile_step.py --compile full            # whole backbones on both
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=8, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after the compiling one")
+    p.add_argument(
+        "--compile", default="blocks", choices=["blocks", "full"],
+        help="blocks: train.compile blocks / compile_repeated_blocks; full: train.compile full / torch.compile of the whole model",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps shared machines steady)")
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--diffcore-adamw",
-        action="store_true",
-        help="diffcore sides step diffcore's built-in adamw (its kernels)",
-    )
+        "--optimizer", default="own", choices=["own", "same"],
+        help="own: each trainer's AdamW (diffcore's built-in, torch's defaults for diffusers); same: torch's defaults on all",
+    )  # fmt: skip
     p.add_argument("--warm-cache", action="store_true", help="keep inductor's default on-disk cache")
     p.add_argument("--dit-depth", type=int, default=2, help="DiT-B/4 blocks (12 in the published size)")
     p.add_argument("--dit-input", type=int, default=32, help="DiT latent side (8x8 tokens at /4)")
@@ -58,21 +66,13 @@ def parse() -> argparse.Namespace:
 class Side:
     """One side of a comparison: a module, its forward on the fixed batch, and a train step."""
 
-    def __init__(
-        self, name: str, module: Any, forward: Callable[[], Any], target: Any, own_adamw: bool = False
-    ):
-        import torch
-
-        from diffcore.training.fast_paths import adamw_kernels
+    def __init__(self, name: str, module: Any, forward: Callable[[], Any], target: Any, optimizer: str):
+        from _step_harness import optimizer as build_optimizer
 
         self.module = module.train()
         self.forward = forward
         self.target = target
-        params = [p for p in module.parameters() if p.requires_grad]
-        # the same torch.optim.AdamW on every side (the model and its compilation are what differ);
-        # --diffcore-adamw gives the diffcore sides the kernels diffcore's built-in adamw picks
-        kernels = adamw_kernels(params, None, None) if own_adamw and name.startswith("diffcore") else {}
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5, **kernels)
+        self.optimizer = build_optimizer(name.split()[0], module, optimizer)
         self.times: list[float] = []
         self.compile_s = 0.0
         self.graph_breaks = 0
@@ -123,13 +123,15 @@ def dit_sides(args: argparse.Namespace, folder: Path) -> dict[str, Side]:
         if name.startswith("diffcore"):
             model = diffcore.load_model("dit", pretrained=str(folder))
             module = model.backbone.to(args.device)
-            sides[name] = Side(name, module, lambda m=module: m(x, t, y), target, args.diffcore_adamw)
+            sides[name] = Side(name, module, lambda m=module: m(x, t, y), target, args.optimizer)
             sides[name].model = model
         else:
             module = DiTTransformer2DModel.from_pretrained(str(folder)).to(args.device)
             # the DiT class names no repeated blocks; its blocks are BasicTransformerBlock, as in the UNet
             module._repeated_blocks = ["BasicTransformerBlock"]
-            sides[name] = Side(name, module, lambda m=module: m(x, timestep=t, class_labels=y).sample, target)
+            sides[name] = Side(
+                name, module, lambda m=module: m(x, timestep=t, class_labels=y).sample, target, args.optimizer
+            )
     return sides
 
 
@@ -161,7 +163,11 @@ def sdxl_sides(args: argparse.Namespace, folder: Path) -> dict[str, Side]:
             unet.load_state_dict(weights)
             unet.to(args.device)
             sides[name] = Side(
-                name, unet, lambda m=unet: m(x, t, ctx, pooled=pooled, time_ids=time_ids), target
+                name,
+                unet,
+                lambda m=unet: m(x, t, ctx, pooled=pooled, time_ids=time_ids),
+                target,
+                args.optimizer,
             )
             sides[name].model = SDModel(SDXLConfig(), unet, {}, {})
         else:
@@ -169,7 +175,11 @@ def sdxl_sides(args: argparse.Namespace, folder: Path) -> dict[str, Side]:
             module.load_state_dict(weights)
             module.to(args.device)
             sides[name] = Side(
-                name, module, lambda m=module: m(x, t, ctx, added_cond_kwargs=added).sample, target
+                name,
+                module,
+                lambda m=module: m(x, t, ctx, added_cond_kwargs=added).sample,
+                target,
+                args.optimizer,
             )
     del ref
     return sides
@@ -189,20 +199,23 @@ def flux_sides(args: argparse.Namespace, folder: Path) -> dict[str, Side]:
     for name in SIDES:
         which = name.split()[0]
         module, forward = build(which, ns, folder)
-        sides[name] = Side(name, module, lambda f=forward: f(x), x["target"], args.diffcore_adamw)
+        sides[name] = Side(name, module, lambda f=forward: f(x), x["target"], args.optimizer)
         if which == "diffcore":
             sides[name].model = _Blocks(module, ["double_blocks", "single_blocks"])
     return sides
 
 
-def compile_side(name: str, side: Side) -> None:
-    """Compile the blocks of a compiled side (lazily: the first step compiles)."""
+def compile_side(name: str, side: Side, mode: str) -> None:
+    """Compile a compiled side's blocks or whole backbone (lazily: the first step compiles)."""
     if name == "diffcore compiled":
         from diffcore.training.compile import compile_backbone
 
-        compile_backbone(side.model, "blocks")
+        compile_backbone(side.model, mode)
     elif name == "diffusers compiled":
-        side.module.compile_repeated_blocks()
+        if mode == "blocks":
+            side.module.compile_repeated_blocks()
+        else:
+            side.module.compile()  # torch.compile of the module's call, in place
 
 
 def run(arch: str, args: argparse.Namespace, folder: Path) -> dict[str, Side]:
@@ -211,25 +224,27 @@ def run(arch: str, args: argparse.Namespace, folder: Path) -> dict[str, Side]:
 
     sides = {"dit": dit_sides, "sdxl": sdxl_sides, "flux": flux_sides}[arch](args, folder)
     for name, side in sides.items():
-        compile_side(name, side)
+        compile_side(name, side, args.compile)
         breaks = sum(counters["graph_break"].values())
-        start = time.perf_counter()
+        start = time.perf_counter()  # wall time: compiling runs worker processes
         side.first_loss = float(side.step())
         side.compile_s = time.perf_counter() - start
         for _ in range(args.warmup):
             side.step()
         side.graph_breaks = sum(counters["graph_break"].values()) - breaks
     order = list(sides.values())
+    cpu = not args.device.startswith("cuda")
+    clock = time.process_time if cpu else time.perf_counter
     for i in range(args.steps):
         # each round starts with the next side: no side always follows the same one
         for side in order[i % len(order) :] + order[: i % len(order)]:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             side.step()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            side.times.append(time.perf_counter() - start)
+            side.times.append(clock() - start)
     return sides
 
 
@@ -272,12 +287,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} thread(s), fp32, full finetune + AdamW "
+        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} thread(s), fp32, full finetune + "
         + (
-            "(diffcore's adamw kernels on the diffcore sides)"
-            if args.diffcore_adamw
-            else "(torch defaults on every side)"
+            "each trainer's AdamW (diffcore's built-in, torch's defaults for diffusers)"
+            if args.optimizer == "own"
+            else "torch's default AdamW on every side"
         )
+        + (", CPU time" if args.device == "cpu" else "")
+        + f", compile {args.compile}"
     )
     warm_up_inductor()
     for arch in args.only or ARCHES:
