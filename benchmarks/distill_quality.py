@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reflow-loss", default="mse", choices=["mse", "l1", "huber"], help="reflow: the regression loss")
     p.add_argument("--huber-delta", type=float, default=1.0, help="reflow: huber's delta (--reflow-loss huber)")
     p.add_argument("--consistency-name", default="consistency", help="the consistency run's folder in --work")
+    p.add_argument("--consistency-focus", type=float, default=0.0, help="consistency: share of intervals at the 2-/4-step levels")
     p.add_argument("--huber-c", type=float, default=0.001, help="consistency: the pseudo-Huber constant")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -176,7 +177,8 @@ def main() -> None:
         students.append(("reflow", load_dit(folder / "final" / "ema.safetensors"), "euler"))
     if "consistency" in methods:
         method = {"type": "consistency", "guidance": [GUIDANCE], "num_solver_steps": 20, "target_ema": 0.95,
-                  "huber_c": args.huber_c, "teacher": str(teacher)}  # fmt: skip
+                  "huber_c": args.huber_c, "teacher": str(teacher), "focus": args.consistency_focus,
+                  "focus_steps": [2, 4]}  # fmt: skip
         folder = args.work / args.consistency_name
         diffcore_run(student_job(args.consistency_name, teacher, method, args.consistency_steps, args), folder)
         students.append(("consistency", load_dit(folder / "final" / "ema.safetensors"), "lcm"))

@@ -46,6 +46,11 @@ class ConsistencyConfig(DistillConfig):
     target_ema: float = 0.95
     #: the pseudo-Huber constant c (LCM: 0.001 on SD latents)
     huber_c: float = 0.001
+    #: share of the solver intervals drawn among those that start where the ``lcm`` sampler
+    #: evaluates at ``focus_steps`` (the grid interval nearest each level); the rest uniformly.
+    #: The sampler's output is the student's x0 at those levels alone.
+    focus: float = 0.0
+    focus_steps: list[int] = attrs.Factory(lambda: [2, 4])
 
 
 @attrs.define(kw_only=True)

@@ -45,6 +45,10 @@ class ConsistencyDistillation(DiffusionMethod):
             problems.append(Problem(f"{WHERE}.num_solver_steps", f"must be at least 2, got {c.num_solver_steps}"))
         if not 0.0 <= c.target_ema < 1.0:
             problems.append(Problem(f"{WHERE}.target_ema", f"must be in [0, 1), got {c.target_ema}"))
+        if not 0.0 <= c.focus <= 1.0:
+            problems.append(Problem(f"{WHERE}.focus", f"must be in [0, 1], got {c.focus}"))
+        if c.focus > 0 and (not c.focus_steps or min(c.focus_steps) < 1):
+            problems.append(Problem(f"{WHERE}.focus_steps", f"must be step counts of at least 1, got {c.focus_steps}"))
         if c.huber_c <= 0:
             problems.append(Problem(f"{WHERE}.huber_c", f"must be positive, got {c.huber_c}"))
         check_zero3(job, problems)
@@ -83,6 +87,14 @@ class ConsistencyDistillation(DiffusionMethod):
         levels = sched.sampling_schedule(n, "euler", seq_len=seq_len).levels
         return levels[:-1], levels[1:]
 
+    def focus_intervals(self, ctx: TrainContext, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """The solver intervals whose start is nearest each level the ``lcm`` sampler evaluates at
+        ``focus_steps`` (one entry per level, so a level two step counts share weighs twice)."""
+        sched = ctx.scheduler
+        wanted = [sched.sampling_schedule(n, "lcm", seq_len=seq_len) for n in self.config.focus_steps]
+        levels = torch.cat([s.timesteps.double() for s in wanted])
+        return (starts.double()[None, :] - levels[:, None]).abs().argmin(1)
+
     def consistency_x0(self, ctx: TrainContext, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The consistency function f(x, t) from a model output: its x0, blended with x through LCM's
         boundary condition on DDPM-family schedules (rectified flow's x0 = x - t v needs none)."""
@@ -119,6 +131,10 @@ class ConsistencyDistillation(DiffusionMethod):
         noise = rand.randn(tuple(latents.shape)).to(device)
         starts, ends = self.grid(ctx, model.sequence_length(latents))
         index = rand.call(lambda m, g: torch.randint(0, len(starts), (m,), generator=g, device=g.device), b).cpu()
+        if c.focus > 0:
+            near = self.focus_intervals(ctx, starts, model.sequence_length(latents))
+            pick = rand.call(lambda m, g: torch.randint(0, len(near), (m,), generator=g, device=g.device), b).cpu()
+            index = torch.where(rand.rand(b).cpu() < c.focus, near[pick], index)
         t_start = starts[index].float().to(device)
         t_end = ends[index].float().to(device)
         low, high = c.guidance[0], c.guidance[-1]

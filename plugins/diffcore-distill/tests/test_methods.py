@@ -211,6 +211,29 @@ def test_reflow_focus_trains_at_the_few_step_levels(tmp_path: Path) -> None:
     assert not {round(float(t), 6) for t in times(0.0)} & levels
 
 
+def test_consistency_focus_trains_the_intervals_the_sampler_starts() -> None:
+    model = tiny_dit("flow")
+    flux = diffcore.build_component("scheduler", "flow", {"sigma_spacing": "flux"})
+
+    def starts(focus: float) -> set[float]:
+        method = ConsistencyDistillation(ConsistencyConfig(guidance=[1.0], num_solver_steps=8, focus=focus), "consistency")
+        ctx = fake_context(model, method=method, scheduler=flux, dataset=dataset())
+        seen: list[torch.Tensor] = []
+        real = method.predict
+        method.predict = lambda m, x, t, *a, **k: seen.append(t.clone()) or real(m, x, t, *a, **k)  # type: ignore[method-assign]
+        found: set[float] = set()
+        for micro_step in range(16):
+            ctx.step_random = StepRandom(0, micro_step)
+            seen.clear()
+            method.loss(ctx, first_batch(ctx.dataset, 4))
+            found |= {round(float(t), 6) for t in seen[0]}  # the student's call: the interval starts
+        return found
+
+    # the grid is 1, 0.875, ..., 0.125; 2- and 4-step lcm sampling evaluates 1, 0.75, 0.5, 0.25
+    assert starts(1.0) == {1.0, 0.75, 0.5, 0.25}
+    assert len(starts(0.0)) > 4
+
+
 def test_pairs_of_other_teacher_levels_are_refused(tmp_path: Path) -> None:
     # the pairs depend on the levels the teacher walked: another sigma spacing makes other pairs
     model = tiny_dit("flow")
