@@ -201,6 +201,15 @@ def test_lean_functions_have_the_compositions_gradients():
     q = torch.randn(2, 3, 12, sum(AXES), generator=g)
     torch.testing.assert_close(complex_rope(q, rope_cis(*tables)), apply_rope(q, *tables))
 
+    from diffcore_flux.flux2.lean import rms_rope
+
+    cis = rope_cis(*(t.double() for t in tables))
+    q = torch.randn(2, 3, 12, sum(AXES), dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(sum(AXES), dtype=torch.float64, generator=g, requires_grad=True)
+    want = apply_rope(torch.nn.functional.rms_norm(q, (sum(AXES),), weight, 1e-6), *(t.double() for t in tables))
+    torch.testing.assert_close(rms_rope(q, weight, cis), want)
+    assert torch.autograd.gradcheck(lambda a, w: rms_rope(a, w, cis), (q, weight))
+
 
 @pytest.mark.parametrize("rows", [None, slice(2, 5), slice(0, 6)], ids=["all", "middle", "leading"])
 def test_split_heads_has_the_compositions_values_and_gradients(rows):

@@ -149,3 +149,46 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         cis = cis.unsqueeze(-3)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rotate(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    # float32 (B, H, L, D) by a complex table already shaped to broadcast
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * cis).flatten(-2)
+
+
+class _RmsRope(torch.autograd.Function):
+    # Composed, the per-head RMS norm and the rotation keep the input, the normalised input and the
+    # weighted one, and run about twice the passes over (B, H, L, D) in backward; this keeps the
+    # input (a view of the projection, alive anyway) and the inverse RMS.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, cis: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(_wide(x.dtype))
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        rstd = ms.add_(eps).rsqrt_()
+        ctx.save_for_backward(x, rstd, weight, cis)
+        return _rotate((xf * rstd).mul_(weight), cis).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        x, rstd, weight, cis = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        d_y = _rotate(grad.to(rstd.dtype).contiguous(), cis.conj())  # the inverse rotation
+        d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = (d_y * normed).sum(dim=tuple(range(x.ndim - 1))).to(weight.dtype)
+        d_y.mul_(weight)
+        # d_x = rstd * (d_y - normed * mean(d_y * normed))
+        dot = (d_y * normed).sum(-1, keepdim=True).div_(-x.shape[-1])
+        return torch.addcmul(d_y, normed, dot).mul_(rstd).to(x.dtype), d_weight, None, None
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, cis: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``apply_rope(rms_norm(x, weight), cis)`` for (B, H, L, D) queries or keys (statistics in
+    float32), keeping only ``x`` and its inverse RMS for backward."""
+    if cis.ndim == x.ndim - 1:  # a table per batch row (B, L, D/2): add the head axis
+        cis = cis.unsqueeze(-3)
+    return _RmsRope.apply(x, weight.to(x.dtype), cis, eps)

@@ -15,25 +15,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffcore.nn import attention, checkpointed, rope_frequencies, timestep_embedding
+from diffcore.nn import RMSNorm, attention, checkpointed, rope_frequencies, timestep_embedding
 from diffcore_flux.flux2.config import Flux2Shape
 from diffcore_flux.flux2.lean import (
-    apply_rope,
     norm_modulate,
+    rms_rope,
     rope_cis,
     split_heads,
     split_heads_swiglu,
     swiglu,
 )
-from diffcore_flux.network import QKNorm, _rms
+from diffcore_flux.network import QKNorm
 
 #: the complex RoPE table (L, head_dim / 2)
 Rope = torch.Tensor
 Mod = tuple[torch.Tensor, ...]
 
 
-def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
-    return attention(apply_rope(q, rope), apply_rope(k, rope), v)
+def _norm_rope(norm: RMSNorm, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    return rms_rope(x, norm.weight, rope, norm.eps)
 
 
 def _linear(n_in: int, n_out: int) -> nn.Linear:
@@ -100,24 +100,22 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, img_mod: Mod, txt_mod: Mod, rope: Rope
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_q, img_k, img_v = self._qkv(self.img_attn, img, img_mod)
-        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt, txt_mod)
-        out = _rope_attention(
-            torch.cat((txt_q, img_q), dim=2),
-            torch.cat((txt_k, img_k), dim=2),
-            torch.cat((txt_v, img_v), dim=2),
-            rope,
+        n_txt = txt.shape[1]
+        img_q, img_k, img_v = self._qkv(self.img_attn, img, img_mod, rope[..., n_txt:, :])
+        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt, txt_mod, rope[..., :n_txt, :])
+        out = attention(
+            torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
         )
         # split, not two slices: its backward is one concatenation, not two zero-filled copies
-        txt_out, img_out = out.split((txt.shape[1], img.shape[1]), dim=1)
+        txt_out, img_out = out.split((n_txt, img.shape[1]), dim=1)
         img = self._residual(img, img_out, img_mod, self.img_attn, self.img_mlp)
         txt = self._residual(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
     @staticmethod
-    def _qkv(attn: SelfAttention, x: torch.Tensor, mod: Mod):
+    def _qkv(attn: SelfAttention, x: torch.Tensor, mod: Mod, rope: Rope):
         q, k, v = split_heads(attn.qkv(norm_modulate(x, mod[0], mod[1])), attn.heads)
-        return _rms(attn.norm.query_norm, q), _rms(attn.norm.key_norm, k), v
+        return _norm_rope(attn.norm.query_norm, q, rope), _norm_rope(attn.norm.key_norm, k, rope), v
 
     @staticmethod
     def _residual(x, attn_out, mod: Mod, attn: SelfAttention, mlp: nn.Module) -> torch.Tensor:
@@ -149,8 +147,8 @@ class SingleStreamBlock(nn.Module):
         q_rope = rope
         if rows is not None:
             x, q_rope = x[:, rows], rope[..., rows, :]
-        q, k = _rms(self.norm.query_norm, q), _rms(self.norm.key_norm, k)
-        attn = attention(apply_rope(q, q_rope), apply_rope(k, rope), v)
+        q, k = _norm_rope(self.norm.query_norm, q, q_rope), _norm_rope(self.norm.key_norm, k, rope)
+        attn = attention(q, k, v)
         out = self.linear2(torch.cat((attn, mlp), dim=-1))
         return torch.addcmul(x, gate[:, None], out)
 
