@@ -15,6 +15,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _swiglu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, value: torch.Tensor, d_gate: torch.Tensor, d_value: torch.Tensor
+) -> None:
+    # writes the gradients into d_gate and d_value (halves of one buffer)
+    if torch.compiler.is_compiling():  # dynamo refuses non-contiguous out=; the compiler fuses the copies
+        d_value.copy_(grad * F.silu(gate))
+        d_gate.copy_(torch.ops.aten.silu_backward(grad * value, gate))
+        return
+    torch.mul(grad, F.silu(gate), out=d_value)
+    torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=d_gate)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +40,7 @@ class _SwiGLU(torch.autograd.Function):
         gate, value = x.chunk(2, dim=-1)
         out = torch.empty_like(x)  # both halves written in place: no concatenation
         d_gate, d_value = out.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=d_value)
-        torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=d_gate)
+        _swiglu_backward(grad, gate, value, d_gate, d_value)
         return out
 
 
@@ -87,8 +98,7 @@ class _SplitHeads(torch.autograd.Function):
             grad = grads[3]
             gate, value = y[:, rows, ctx.width :].chunk(2, dim=-1)
             d_gate, d_value = out[:, rows, ctx.width :].chunk(2, dim=-1)
-            torch.mul(grad, F.silu(gate), out=d_value)
-            torch.ops.aten.silu_backward.grad_input(grad * value, gate, grad_input=d_gate)
+            _swiglu_backward(grad, gate, value, d_gate, d_value)
         return out, None, None, None
 
 
