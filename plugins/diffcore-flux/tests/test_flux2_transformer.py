@@ -257,3 +257,23 @@ def test_export_loads_back_and_the_cli_refuses_a_flux1_checkpoint(tmp_path):
     out = run_cli("sample", "--model", "flux2", "--pretrained", str(tmp_path / "flux1"), "--prompt", "x")
     assert out.returncode == 2
     assert "not a Flux2Transformer2DModel" in out.stderr and "use model type 'flux'" in out.stderr
+
+
+def test_blocks_trace_whole_under_torch_compile():
+    """The lean autograd functions leave no graph break in a block (torch.compile's per-block mode)."""
+    from diffcore_flux.flux2.lean import rope_cis
+    from diffcore_flux.flux2.network import DoubleStreamBlock, SingleStreamBlock
+
+    torch.manual_seed(0)
+    single, double = SingleStreamBlock(16, 2, 24), DoubleStreamBlock(16, 2, 24)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    mod = tuple(torch.randn(2, 16) for _ in range(6))
+    rope = rope_cis(torch.randn(7, 4).cos(), torch.randn(7, 4).sin())
+    for block, args in ((single, (x, mod[:3], rope, slice(3, 6))), (double, (x[:, 3:], x[:, :3], mod, mod, rope))):
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        eager, traced = block(*args), compiled(*args)
+        eager, traced = (eager, traced) if isinstance(eager, tuple) else ((eager,), (traced,))
+        for a, b in zip(eager, traced, strict=True):
+            torch.testing.assert_close(b, a)
+        grads = [torch.autograd.grad(sum(o.square().sum() for o in out), x)[0] for out in (eager, traced)]
+        torch.testing.assert_close(grads[1], grads[0])
