@@ -69,9 +69,14 @@ class AdapterSpec(ComponentSpec):
 
     ``detect(probe) -> file format | None``: the format (e.g. "kohya", "peft") of an adapter file
     this component reads, from its tensor names (torch-free); None when it is not one. ``diffcore
-    convert`` asks every adapter; None (the default) recognises nothing."""
+    convert`` asks every adapter; None (the default) recognises nothing.
+
+    ``validate(job) -> list[Problem]``: what the adapter cannot train with (text encoders to train
+    while a feature cache would hold their outputs, say), found by ``diffcore validate`` and before a
+    run loads its model; None: nothing to check."""
 
     detect: Callable[[LayoutProbe], str | None] | None = None
+    validate: Callable[[Any], list[Any]] | None = None
 
 
 @attrs.frozen(kw_only=True)

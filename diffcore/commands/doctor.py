@@ -29,14 +29,13 @@ def doctor_command(args: argparse.Namespace) -> int:
     from diffcore.api import build_component
     from diffcore.config.job import load_job
     from diffcore.data.crops import crop_report
-    from diffcore.data.preflight import data_problems
     from diffcore.data.sampler import BucketBatchSampler
     from diffcore.doctor.packages import missing
     from diffcore.errors import ConfigError, UserError
+    from diffcore.job_checks import job_problems
 
     job = load_job(args.job, args.overrides)
-    method = build_component("method", job.method.type, job.method.config)
-    problems = [*data_problems(job.data.type, job.data.config), *method.validate(job)]
+    problems = job_problems(job)
     if len(problems) == 1:  # one line, as every other user error
         raise UserError(problems[0].message, where=f"{job.source}: {problems[0].path}")
     if problems:

@@ -35,8 +35,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from diffcore.api import build_component
     from diffcore.config.job import load_job
-    from diffcore.data.preflight import data_problems
     from diffcore.errors import ConfigError
+    from diffcore.job_checks import job_problems
     from diffcore.plan.inventory import inventory
     from diffcore.plan.jobfile import with_settings, write_job
     from diffcore.plan.search import plan, settings_of
@@ -45,8 +45,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     # the checks of `diffcore validate`, with its messages
     job = load_job(args.job, args.overrides)
-    method = build_component("method", job.method.type, job.method.config)
-    problems = [*data_problems(job.data.type, job.data.config), *method.validate(job)]
+    problems = job_problems(job)
     if problems:
         raise ConfigError(problems, source=job.source)
     dataset = build_component("dataset", job.data.type, job.data.config)

@@ -12,17 +12,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_command(args: argparse.Namespace) -> int:
     from diffcore.config.job import load_job
+    from diffcore.errors import ConfigError
+    from diffcore.job_checks import job_problems
 
     job = load_job(args.job, args.overrides)
-    # cross-section problems only the method can judge (a model that takes no residuals...)
-    from diffcore.api import build_component
-    from diffcore.data.preflight import data_problems
-    from diffcore.errors import ConfigError
-    from diffcore.optimizer_checks import optimizer_problems
-
-    method = build_component("method", job.method.type, job.method.config)
-    # what a run would otherwise find only after its start-up: bucket feasibility, missing data paths
-    problems = [*data_problems(job.data.type, job.data.config), *method.validate(job), *optimizer_problems(job)]
+    # what a run would otherwise find only after its start-up (bucket feasibility, missing data paths),
+    # and cross-section problems only a component can judge (a model that takes no residuals...)
+    problems = job_problems(job)
     if problems:
         raise ConfigError(problems, source=job.source)
     print(f"{args.job}: ok (model {job.model.type}, data {job.data.type}, {job.train.steps} steps)")

@@ -18,7 +18,7 @@ from diffcore.context import StepRandom, TrainContext
 from diffcore.data.collate import collate
 from diffcore.data.sampler import BucketBatchSampler, hash_seed
 from diffcore.errors import ConfigError, TrainingError, UserError
-from diffcore.optimizer_checks import check_optimizer
+from diffcore.job_checks import check_specs
 from diffcore.quantize.build import check_frozen
 from diffcore.registry import get_registry
 from diffcore.training import checkpoint as ckpt
@@ -122,7 +122,7 @@ def _run_locked(job: Job, dist: Any, out: Path, resume: bool, phases: Phases) ->
         print(f"diffcore: no checkpoint in {out} to resume from; starting at step 0", flush=True)
 
     _check_precision(job, dist.device)
-    check_optimizer(job)
+    check_specs(job)
     with phases.phase("reading the dataset"):
         dataset = build_component("dataset", job.data.type, job.data.config)
     # the batching is checked before any model loads: a dataset smaller than one batch fails at once

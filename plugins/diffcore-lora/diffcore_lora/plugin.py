@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import diffcore
+from diffcore_lora.checks import validate
 from diffcore_lora.config import DoraConfig, LohaConfig, LokrConfig, LoraConfig
 from diffcore_lora.detect import detect
 
@@ -25,6 +26,7 @@ def diffcore_register_adapters():
             name="lora",
             config=LoraConfig,
             factory=_factory("lora"),
+            validate=validate,
             # one reader for every kind: from_file takes LoRA, DoRA, LoKr and LoHa tensors alike
             detect=detect,
             description="low-rank adapter (kohya/PEFT)",
@@ -33,18 +35,21 @@ def diffcore_register_adapters():
             name="dora",
             config=DoraConfig,
             factory=_factory("dora"),
+            validate=validate,
             description="weight-decomposed low-rank adapter (magnitude + LoRA direction)",
         ),
         diffcore.AdapterSpec(
             name="lokr",
             config=LokrConfig,
             factory=_factory("lokr"),
+            validate=validate,
             description="Kronecker-product adapter (LyCORIS)",
         ),
         diffcore.AdapterSpec(
             name="loha",
             config=LohaConfig,
             factory=_factory("loha"),
+            validate=validate,
             description="Hadamard-product adapter (LyCORIS)",
         ),
     ]
