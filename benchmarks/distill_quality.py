@@ -3,9 +3,9 @@
 The teacher is the quickstart job (examples/quickstart.yaml: a class-conditional flow DiT on the
 synthetic shapes), trained here or taken from a finished run (``--teacher-run``). From its EMA
 weights the script distils, each a ``diffcore run`` of a job it writes (full finetunes that start from
-the teacher):
-  - ``reflow``: pairs from the teacher at 20 Euler steps, guidance 4.5; the student sampled with
-    Euler at 2 and 4 steps, no guidance;
+the teacher, their scheduler spacing sigmas 1 to 1/steps, so 2 steps are 1 -> 0.5 -> 0):
+  - ``reflow``: pairs from the teacher at 20 Euler steps, guidance 4.5, half the training times at
+    the 2- and 4-step levels (``focus``); the student sampled with Euler at 2 and 4 steps, no guidance;
   - ``consistency``: consistency distillation with the teacher's guided Euler step (guidance 4.5);
     the student sampled with the ``lcm`` sampler at 2 and 4 steps, no guidance.
 Each model is scored as the quickstart's class_agreement callback scores it (16 samples per class,
@@ -40,8 +40,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/distill_quality"))
     p.add_argument("--teacher-run", type=Path, default=None, help="a finished quickstart output_dir (default: train one)")
     p.add_argument("--methods", default="reflow,consistency")
-    p.add_argument("--pairs", type=int, default=2048, help="reflow pairs")
-    p.add_argument("--reflow-steps", type=int, default=1500)
+    p.add_argument("--pairs", type=int, default=1024, help="reflow pairs")
+    p.add_argument("--reflow-steps", type=int, default=2400)
     p.add_argument("--consistency-steps", type=int, default=1500)
     p.add_argument("--reflow-name", default="reflow", help="the reflow run's folder in --work")
     p.add_argument("--focus", type=float, default=0.5, help="reflow: share of training times at the 2- and 4-step levels")
@@ -52,9 +52,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--huber-c", type=float, default=0.001, help="consistency: the pseudo-Huber constant")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--per-class", type=int, default=16, help="samples per class (16: as the callback; 128 for a figure to +-0.02)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--spacings", default="auto,flux", help="flow sigma spacings to score the 2- and 4-step rows with")
+    p.add_argument("--spacings", default="flux", help="flow sigma spacings to score the 2- and 4-step rows with")
     return p.parse_args()
 
 
