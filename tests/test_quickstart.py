@@ -17,11 +17,11 @@ def test_quickstart_draws_the_class_asked_for_in_colour_and_form(tmp_path):
     job = load_job(ROOT / "examples" / "quickstart.yaml", [f"output_dir={tmp_path / 'quickstart'}"])
     run_job(job)
     quality = json.loads((tmp_path / "quickstart" / "quality.json").read_text())
-    assert quality["samples"] == 64
+    assert quality["samples"] == 512
     assert quality["weights"] == "ema"
-    assert quality["class_agreement"] >= 0.9, quality
-    # the stricter figure, the colour and the form of the class asked for: 0.78 with this job (0.52
-    # before its tuning); issue 19 asks for 0.9, which the squares (0.12 with their form) still miss
-    assert quality["class_and_form_agreement"] >= 0.7, quality
+    assert quality["class_agreement"] >= 0.95, quality
+    # the stricter figure, the colour and the form of the class asked for (issue 19 asks for 0.9):
+    # 0.953 with this job, whose 512 samples give the figure a standard error of about 0.01
+    assert quality["class_and_form_agreement"] >= 0.9, quality
     for name in ("red-circle", "green-square", "blue-triangle", "yellow-cross"):
         assert (tmp_path / "quickstart" / "samples" / "final" / f"grid-{name}.png").is_file()
