@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _step_harness import peak_bytes
 from cpu_memory import peak_in_child, report_peak
 
 
@@ -109,13 +110,8 @@ def peak_memory(which: str, folder: Path, args: argparse.Namespace) -> int:
     temporaries) in bytes, over what the model and its optimizer state hold between steps."""
     if args.device.startswith("cuda"):
         _, step = build(which, folder, args)
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        step()  # the optimizer state exists from here on, so it counts in the base
+        return peak_bytes(step, args.device)
     # CPU: a fresh process per model; glibc is told to return every large block to the system, so the
     # resident set follows the live tensors, and the kernel's high-water mark is reset before the step
     return peak_in_child(["--memory-only", which, "--weights", str(folder)])
