@@ -14,6 +14,7 @@ from diffcore.method import Logs
 from diffcore.methods.diffusion import DiffusionMethod, to_device
 from diffcore.sampling import lcm_scalings, to_x0_eps
 from diffcore_distill.config import ConsistencyConfig
+from diffcore_distill.focus import check_focus, focused
 from diffcore_distill.teacher import EMATarget, Teacher, build_teacher
 
 WHERE = "$.method"
@@ -45,10 +46,7 @@ class ConsistencyDistillation(DiffusionMethod):
             problems.append(Problem(f"{WHERE}.num_solver_steps", f"must be at least 2, got {c.num_solver_steps}"))
         if not 0.0 <= c.target_ema < 1.0:
             problems.append(Problem(f"{WHERE}.target_ema", f"must be in [0, 1), got {c.target_ema}"))
-        if not 0.0 <= c.focus <= 1.0:
-            problems.append(Problem(f"{WHERE}.focus", f"must be in [0, 1], got {c.focus}"))
-        if c.focus > 0 and (not c.focus_steps or min(c.focus_steps) < 1):
-            problems.append(Problem(f"{WHERE}.focus_steps", f"must be step counts of at least 1, got {c.focus_steps}"))
+        check_focus(c, WHERE, problems)
         if c.huber_c <= 0:
             problems.append(Problem(f"{WHERE}.huber_c", f"must be positive, got {c.huber_c}"))
         check_zero3(job, problems)
@@ -133,8 +131,7 @@ class ConsistencyDistillation(DiffusionMethod):
         index = rand.call(lambda m, g: torch.randint(0, len(starts), (m,), generator=g, device=g.device), b).cpu()
         if c.focus > 0:
             near = self.focus_intervals(ctx, starts, model.sequence_length(latents))
-            pick = rand.call(lambda m, g: torch.randint(0, len(near), (m,), generator=g, device=g.device), b).cpu()
-            index = torch.where(rand.rand(b).cpu() < c.focus, near[pick], index)
+            index = focused(rand, b, c.focus, near, index)
         t_start = starts[index].float().to(device)
         t_end = ends[index].float().to(device)
         low, high = c.guidance[0], c.guidance[-1]

@@ -15,6 +15,7 @@ from diffcore.methods.diffusion import DiffusionMethod, drop_conditions
 from diffcore.sampling import build_sampler, generate, noise_like
 from diffcore_distill.config import ReflowConfig
 from diffcore_distill.consistency import check_zero3
+from diffcore_distill.focus import check_focus, focused
 from diffcore_distill.pairs import PairCache, Pairs
 from diffcore_distill.teacher import Teacher, build_teacher
 
@@ -41,10 +42,7 @@ class ReflowMethod(DiffusionMethod):
         for key in ("pairs", "shard_size", "sample_steps", "generation_batch"):
             if getattr(c, key) < 1:
                 problems.append(Problem(f"{WHERE}.{key}", f"must be at least 1, got {getattr(c, key)}"))
-        if not 0.0 <= c.focus <= 1.0:
-            problems.append(Problem(f"{WHERE}.focus", f"must be in [0, 1], got {c.focus}"))
-        if c.focus > 0 and (not c.focus_steps or min(c.focus_steps) < 1):
-            problems.append(Problem(f"{WHERE}.focus_steps", f"must be step counts of at least 1, got {c.focus_steps}"))
+        check_focus(c, WHERE, problems)
         if c.resolution is not None and c.resolution < 8:
             problems.append(Problem(f"{WHERE}.resolution", f"must be at least 8, got {c.resolution}"))
         check_zero3(job, problems)
@@ -159,9 +157,7 @@ class ReflowMethod(DiffusionMethod):
         seq_len = model.sequence_length(sample)
         t = rand.call(lambda n, g: sched.sample_t(n, g, torch.device("cpu"), seq_len=seq_len), b)
         if self.config.focus > 0:
-            levels = self.focus_levels(ctx, seq_len)
-            pick = rand.call(lambda m, g: torch.randint(0, len(levels), (m,), generator=g, device=g.device), b).cpu()
-            t = torch.where(rand.rand(b).cpu() < self.config.focus, levels[pick], t.cpu())
+            t = focused(rand, b, self.config.focus, self.focus_levels(ctx, seq_len), t)
         t = t.to(ctx.device)
         noisy = sched.add_noise(sample, noise, t)
         extra: dict[str, Any] = {}
