@@ -16,13 +16,10 @@ def spec_problems(job: Any) -> list[Problem]:
     """The problems the job's optimizer (``OptimizerSpec.validate``, default ``adamw``) and adapter
     (``AdapterSpec.validate``) find in ``job``: a missing library, a setting they cannot run with."""
     registry = get_registry()
-    name = job.optimizer.type if job.optimizer is not None else "adamw"
-    optimizer = registry.get("optimizer", name).spec
-    problems = list(optimizer.validate(job)) if optimizer.validate is not None else []
+    specs = [registry.get("optimizer", job.optimizer.type if job.optimizer is not None else "adamw").spec]
     if job.adapter is not None:
-        adapter = registry.get("adapter", job.adapter.type).spec
-        problems += list(adapter.validate(job)) if adapter.validate is not None else []
-    return problems
+        specs.append(registry.get("adapter", job.adapter.type).spec)
+    return [problem for spec in specs if spec.validate is not None for problem in spec.validate(job)]
 
 
 def job_problems(job: Any) -> list[Problem]:
