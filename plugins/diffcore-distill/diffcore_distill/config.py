@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import attrs
 
 from diffcore.methods.config import DiffusionMethodConfig
@@ -43,15 +41,6 @@ class ConsistencyConfig(DistillConfig):
     #: teacher; other models get no guidance input (LCM-LoRA's choice): the student learns the
     #: guided trajectories of the range, so keep it narrow (or one value) for a full model.
     guidance: list[float] = attrs.Factory(lambda: [3.0, 8.0])
-    #: the teacher's step between neighbouring levels. "ode": its guided probability-flow step
-    #: (DDIM; Euler on rectified flow), so the student learns where the teacher's ODE ends, as
-    #: published. "renoise": the ``lcm`` sampler's step, the teacher's guided x0 noised afresh to
-    #: the cleaner level, so the student learns where the teacher's lcm sampling ends (an average
-    #: over the fresh noise, sharp near the data). Take it when the teacher samples better with
-    #: ``lcm`` than with an ODE sampler (a small model's ODE carries its velocity errors to the end).
-    solver: Literal["ode", "renoise"] = "ode"
-    #: with ``solver: renoise``, the intervals that start at or below this level take the ODE step
-    renoise_above: float = 0.0
     #: decay of the EMA target network (LCM: 0.95); 0 takes the online student without gradient
     #: as the target (the LCM-LoRA training scripts' choice)
     target_ema: float = 0.95

@@ -136,8 +136,6 @@ class ConsistencyDistillation(DiffusionMethod):
         t_end = ends[index].float().to(device)
         low, high = c.guidance[0], c.guidance[-1]
         w = (low + (high - low) * rand.rand(b)).float().to(device)
-        # the renoise solver's fresh noise, drawn only for it so ode jobs keep their draws (and resume)
-        fresh = rand.randn(tuple(latents.shape)).to(device) if c.solver == "renoise" else None
 
         extra: dict[str, Any] = {}
         cfg = False
@@ -163,11 +161,7 @@ class ConsistencyDistillation(DiffusionMethod):
                 x0 = x0_u + scale * (x0 - x0_u)
                 eps = eps_u + scale * (eps - eps_u)
             # one solver step to the cleaner level: DDIM, which on a rectified-flow path is Euler
-            # (ode), or the lcm sampler's step, the teacher's x0 noised afresh (renoise)
             a_e, s_e = self._coefficients(ctx, t_end, latents)
-            if fresh is not None:
-                above = (t_start > c.renoise_above).reshape((-1,) + (1,) * (eps.ndim - 1))
-                eps = torch.where(above, fresh, eps)
             x_end = a_e * x0 + s_e * eps
         with self.target.active():
             target = self.consistency_x0(ctx, self.predict(model, x_end, t_end, cond, batch, **extra), x_end, t_end)

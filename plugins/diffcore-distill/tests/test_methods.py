@@ -167,45 +167,6 @@ def test_consistency_target_at_the_clean_end_is_the_teacher_step() -> None:
     torch.testing.assert_close(loss.detach(), err.flatten(1).mean(1).mean(), atol=1e-7, rtol=1e-5)
 
 
-def test_renoise_solver_target_is_the_teacher_x0_noised_afresh() -> None:
-    """solver renoise: the target is the target network's x0 at the cleaner level e from the
-    teacher's x0 noised with fresh noise, (1 - e) x0 + e n, not from the teacher's ODE step."""
-    model = tiny_dit("flow")
-    method = ConsistencyDistillation(ConsistencyConfig(guidance=[1.0], num_solver_steps=2, solver="renoise"), "consistency")
-    flux = diffcore.build_component("scheduler", "flow", {"sigma_spacing": "flux"})  # levels 1, 0.5, 0
-    ctx = fake_context(model, method=method, scheduler=flux, dataset=dataset())
-    with torch.no_grad():  # the student moves away from the teacher, which is also the target here
-        for p in ctx.trainable:
-            p.add_(0.5 * torch.randn_like(p))
-    batch = first_batch(ctx.dataset, 2)
-    starts, ends = method.grid(ctx, 4)
-    method.grid = lambda ctx, seq_len: (starts[:1], ends[:1])  # type: ignore[method-assign]
-    loss, _ = method.loss(ctx, batch)
-
-    s, e = float(starts[0]), float(ends[0])
-    assert (s, e) == (1.0, 0.5)
-    latents = batch["pixels"].float()
-    rand = StepRandom(0, 0)  # the method's draws in its order: noise, interval, guidance, fresh noise
-    noise = rand.randn(tuple(latents.shape))
-    rand.call(lambda m, g: torch.randint(0, 1, (m,), generator=g, device=g.device), 2)
-    rand.rand(2)
-    fresh = rand.randn(tuple(latents.shape))
-    x = (1 - s) * latents + s * noise
-    cond = model.encode_conditions(batch)
-    with torch.no_grad():
-        student = x - s * model.predict(x, torch.full((2,), s), cond)
-        assert method.teacher is not None
-        with method.teacher.active():
-            x0 = x - s * model.predict(x, torch.full((2,), s), cond)
-            x_end = (1 - e) * x0 + e * fresh
-            target = x_end - e * model.predict(x_end, torch.full((2,), e), cond)
-            # the ode solver's end would be the teacher's Euler step, another point
-            ode_end = x + (e - s) * model.predict(x, torch.full((2,), s), cond)
-    assert (x_end - ode_end).abs().mean() > 0.1
-    err = torch.sqrt((student - target) ** 2 + 1e-6) - 1e-3
-    torch.testing.assert_close(loss.detach(), err.flatten(1).mean(1).mean(), atol=1e-7, rtol=1e-5)
-
-
 def test_reflow_loss_regresses_the_straight_line(tmp_path: Path) -> None:
     model = tiny_dit("flow")
     method = ReflowMethod(ReflowConfig(pairs=6, shard_size=4, sample_steps=2, guidance=1.0, cache_dir=str(tmp_path / "pairs")))
