@@ -4,16 +4,18 @@ The teacher is the quickstart job (examples/quickstart.yaml: a class-conditional
 synthetic shapes), trained here or taken from a finished run (``--teacher-run``). From its EMA
 weights the script distils, each a ``diffcore run`` of a job it writes (full finetunes that start from
 the teacher, their scheduler spacing sigmas 1 to 1/steps, so 2 steps are 1 -> 0.5 -> 0):
-  - ``reflow``: pairs from the teacher at 20 Euler steps, guidance 4.5, half the training times at
-    the 2- and 4-step levels (``focus``); the student sampled with Euler at 2 and 4 steps, no guidance;
-  - ``consistency``: consistency distillation with the teacher's guided Euler step (guidance 4.5);
-    the student sampled with the ``lcm`` sampler at 2 and 4 steps, no guidance.
-Each model is scored as the quickstart's class_agreement callback scores it (16 samples per class,
-seed 1234): class agreement by colour, and by colour and form. The table also holds the undistilled
-teacher at 20 steps (the reference) and at 2 and 4 steps (the baseline distillation must beat).
+  - ``reflow``: pairs from the teacher's ODE (20 Euler steps, guidance 4.5, its best ODE samples),
+    half the training times at the 2- and 4-step levels (``focus``);
+  - ``consistency``: consistency distillation with the teacher's guided Euler step (guidance 4.5).
+Each model is scored as the quickstart's class_agreement callback scores it (seed 1234): class
+agreement by colour, and by colour and form. The reference is the teacher at 20 steps as the
+quickstart samples it (its callback's sampler and guidance); the teacher at 2 and 4 steps, with that
+sampler and with Euler at 4.5, is the baseline distillation must beat. The students are scored with
+Euler and with ``lcm`` at 2 and 4 steps, guidance 1.
 
     OMP_NUM_THREADS=1 python benchmarks/distill_quality.py --teacher-run runs/quickstart
     python benchmarks/distill_quality.py --work /tmp/distill   # trains the teacher first
+    python benchmarks/distill_quality.py --work /tmp/distill10k --teacher-steps 10000   # a converged one
 
 Finished stages are kept in ``--work`` and reused (delete a folder to redo it).
 """
@@ -32,13 +34,15 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDANCE = 4.5  # the teacher's Euler guidance here (the quickstart's own callback samples with lcm at 2.5)
+PAIR_GUIDANCE = 4.5  # the guidance of the teacher's Euler ODE that makes reflow's pairs (its best ODE samples)
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/distill_quality"))
     p.add_argument("--teacher-run", type=Path, default=None, help="a finished quickstart output_dir (default: train one)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="train the teacher this many steps instead of the quickstart's (a converged teacher)")
     p.add_argument("--methods", default="reflow,consistency")
     p.add_argument("--pairs", type=int, default=1024, help="reflow pairs")
     p.add_argument("--reflow-steps", type=int, default=2400)
@@ -49,6 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--huber-delta", type=float, default=1.0, help="reflow: huber's delta (--reflow-loss huber)")
     p.add_argument("--consistency-name", default="consistency", help="the consistency run's folder in --work")
     p.add_argument("--consistency-focus", type=float, default=0.0, help="consistency: share of intervals at the 2-/4-step levels")
+    p.add_argument("--consistency-guidance", type=float, default=PAIR_GUIDANCE, help="consistency: the teacher's guidance")
     p.add_argument("--huber-c", type=float, default=0.001, help="consistency: the pseudo-Huber constant")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -81,6 +86,8 @@ def teacher_weights(args: argparse.Namespace) -> Path:
     if run is None:
         run = args.work / "teacher"
         quickstart = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+        if args.teacher_steps is not None:
+            quickstart["train"]["steps"] = args.teacher_steps
         diffcore_run(quickstart, run)
     ema = run / "final" / "ema.safetensors"
     return ema if ema.is_file() else run / "final" / "model.safetensors"
@@ -141,11 +148,22 @@ def score(model: Any, *, steps: int, sampler: str, guidance: float, per_class: i
     }
 
 
+def quickstart_sampling() -> tuple[str, float]:
+    """The sampler and guidance the quickstart's class_agreement callback scores the teacher with."""
+    callbacks = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["callbacks"]
+    agreement = next(c for c in callbacks if c["type"] == "class_agreement")
+    return agreement["sampler"], float(agreement["guidance"])
+
+
 def main() -> None:
     args = parse()
     args.work.mkdir(parents=True, exist_ok=True)
     teacher = teacher_weights(args)
     rows: list[tuple[str, int, str, str, float, dict[str, float]]] = []
+    sampler, guidance = quickstart_sampling()
+    # the teacher in two ways: as the quickstart samples it (the reference, lcm at 2.5), and with the
+    # ODE sampler its reflow pairs come from (Euler at 4.5); the better at 2 and 4 steps is the baseline
+    teacher_ways = [(sampler, guidance), ("euler", PAIR_GUIDANCE)]
 
     # at 2 steps the quickstart's sigma spacing (1 to shift(1/T)) steps from 1 to 0.001 and then to 0:
     # one step in effect; "flux" spacing (1 to 1/steps) makes the two steps 1 -> 0.5 -> 0
@@ -155,52 +173,56 @@ def main() -> None:
     cache_file = args.work / "teacher-scores.json"
     cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
-    def teacher_score(steps: int, spacing: str) -> dict[str, float]:
-        key = f"{teacher}:{teacher.stat().st_mtime_ns}:{steps}:{spacing}:{args.per_class}"
+    def teacher_score(steps: int, spacing: str, way: tuple[str, float]) -> dict[str, float]:
+        key = f"{teacher}:{teacher.stat().st_mtime_ns}:{steps}:{spacing}:{args.per_class}:{way[0]}:{way[1]}"
         if key not in cached:
-            cached[key] = score(model, steps=steps, sampler="euler", guidance=GUIDANCE, per_class=args.per_class,
+            cached[key] = score(model, steps=steps, sampler=way[0], guidance=way[1], per_class=args.per_class,
                                 spacing=spacing)  # fmt: skip
             cache_file.write_text(json.dumps(cached, indent=2))
         return cached[key]
 
-    rows.append(("teacher (undistilled)", 20, "euler", "auto", GUIDANCE, teacher_score(20, "auto")))
-    students: list[tuple[str, Any, str]] = [("teacher (undistilled)", model, "euler")]
+    for way in teacher_ways:  # the first row is the reference
+        rows.append(("teacher (undistilled)", 20, way[0], "auto", way[1], teacher_score(20, "auto", way)))
+    for way in teacher_ways:
+        for spacing in spacings:
+            for steps in (2, 4):
+                rows.append(("teacher (undistilled)", steps, way[0], spacing, way[1], teacher_score(steps, spacing, way)))
 
+    students: list[tuple[str, Any]] = []
     methods = [m for m in args.methods.split(",") if m]
     if "reflow" in methods:
-        method = {"type": "reflow", "pairs": args.pairs, "shard_size": 256, "sample_steps": 20, "guidance": GUIDANCE,
-                  "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"), "teacher": str(teacher),
-                  "focus": args.focus, "focus_steps": [2, 4], "loss": args.reflow_loss,
+        method = {"type": "reflow", "pairs": args.pairs, "shard_size": 256, "sample_steps": 20,
+                  "guidance": PAIR_GUIDANCE, "generation_batch": 256, "cache_dir": str(args.work / "reflow_pairs"),
+                  "teacher": str(teacher), "focus": args.focus, "focus_steps": [2, 4], "loss": args.reflow_loss,
                   "huber_delta": args.huber_delta}  # fmt: skip
         folder = args.work / args.reflow_name
         diffcore_run(student_job(args.reflow_name, teacher, method, args.reflow_steps, args), folder)
-        students.append(("reflow", load_dit(folder / "final" / "ema.safetensors"), "euler"))
+        students.append(("reflow", load_dit(folder / "final" / "ema.safetensors")))
     if "consistency" in methods:
-        method = {"type": "consistency", "guidance": [GUIDANCE], "num_solver_steps": 20, "target_ema": 0.95,
-                  "huber_c": args.huber_c, "teacher": str(teacher), "focus": args.consistency_focus,
-                  "focus_steps": [2, 4]}  # fmt: skip
+        method = {"type": "consistency", "guidance": [args.consistency_guidance], "num_solver_steps": 20,
+                  "target_ema": 0.95, "huber_c": args.huber_c, "teacher": str(teacher),
+                  "focus": args.consistency_focus, "focus_steps": [2, 4]}  # fmt: skip
         folder = args.work / args.consistency_name
         diffcore_run(student_job(args.consistency_name, teacher, method, args.consistency_steps, args), folder)
-        students.append(("consistency", load_dit(folder / "final" / "ema.safetensors"), "lcm"))
-    for name, student, sampler in students:
-        guidance = GUIDANCE if name.startswith("teacher") else 1.0
-        for spacing in spacings:
-            for steps in (2, 4):
-                if student is model:
-                    figures = teacher_score(steps, spacing)
-                else:
-                    figures = score(student, steps=steps, sampler=sampler, guidance=guidance, per_class=args.per_class,
-                                    spacing=spacing)  # fmt: skip
-                rows.append((name, steps, sampler, spacing, guidance, figures))
+        students.append(("consistency", load_dit(folder / "final" / "ema.safetensors")))
+    # every student with both few-step samplers, guidance 1 (the students learnt the guided teacher)
+    for name, student in students:
+        for student_sampler in ("euler", "lcm"):
+            for spacing in spacings:
+                for steps in (2, 4):
+                    figures = score(student, steps=steps, sampler=student_sampler, guidance=1.0,
+                                    per_class=args.per_class, spacing=spacing)  # fmt: skip
+                    rows.append((name, steps, student_sampler, spacing, 1.0, figures))
 
     reference = rows[0][5]
     print("\n| model | steps | sampler | sigma spacing | guidance | class agreement | colour-and-form | form - teacher@20 |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, steps, sampler, spacing, guidance, figures in rows:
+    for name, steps, row_sampler, spacing, row_guidance, figures in rows:
         gap = figures["form"] - reference["form"]
-        print(f"| {name} | {steps} | {sampler} | {spacing} | {guidance:g} | {figures['class']:.3f} | {figures['form']:.3f} | {gap:+.3f} |")
+        print(f"| {name} | {steps} | {row_sampler} | {spacing} | {row_guidance:g} | {figures['class']:.3f} | "
+              f"{figures['form']:.3f} | {gap:+.3f} |")  # fmt: skip
     (args.work / f"quality-{'-'.join(methods) or 'teacher'}.json").write_text(json.dumps(
-        [{"model": n, "steps": s, "sampler": sm, "spacing": sp, "guidance": g, **f} for n, s, sm, sp, g, f in rows],
+        [{"model": n, "steps": st, "sampler": sm, "spacing": sp, "guidance": g, **f} for n, st, sm, sp, g, f in rows],
         indent=2))  # fmt: skip
 
 
