@@ -64,19 +64,13 @@ class DiffusionMethod(Method):
         model, sched, device = ctx.model, ctx.scheduler, ctx.device
         rand = ctx.step_random
         assert rand is not None, "the loop sets ctx.step_random before every micro-step"
-        if "latents" in batch:
-            latents = batch["latents"].to(device=device, dtype=torch.float32)
-        else:
-            latents = model.encode_images(batch["pixels"].to(device)).float()
+        latents = self.clean_latents(ctx, batch)
         b = latents.shape[0]
 
         if self.config.condition_dropout > 0 and "cond" not in batch:
             drop = rand.rand(b) < self.config.condition_dropout
             batch = drop_conditions(model, batch, drop)
-        if "cond" in batch:  # text from the cache; the model adds what the batch's images give
-            cond = model.complete_conditions(to_device(batch["cond"], device), batch)
-        else:
-            cond = model.encode_conditions(batch)
+        cond = self.conditions(ctx, batch)
 
         noise = rand.randn(tuple(latents.shape)).to(device)
         if sched.noise_offset:
@@ -88,6 +82,20 @@ class DiffusionMethod(Method):
         if model.guidance_embedded:
             extra["guidance"] = torch.full((b,), float(model.train_guidance), device=device)
         return Noised(latents, noise, t, sched.add_noise(latents, noise, t), cond, extra)
+
+    @staticmethod
+    def clean_latents(ctx: TrainContext, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The batch's clean latents in float32: cached ones as they are, else its pixels encoded."""
+        if "latents" in batch:
+            return batch["latents"].to(device=ctx.device, dtype=torch.float32)
+        return ctx.model.encode_images(batch["pixels"].to(ctx.device)).float()
+
+    @staticmethod
+    def conditions(ctx: TrainContext, batch: Mapping[str, Any]) -> Any:
+        """The batch's conditioning: cached text completed by what its images give, else encoded."""
+        if "cond" in batch:
+            return ctx.model.complete_conditions(to_device(batch["cond"], ctx.device), batch)
+        return ctx.model.encode_conditions(batch)
 
     def regression(
         self, ctx: TrainContext, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, batch: Mapping[str, Any]

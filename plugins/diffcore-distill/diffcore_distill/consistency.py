@@ -11,7 +11,7 @@ import torch
 from diffcore.context import TrainContext
 from diffcore.errors import Problem, UserError
 from diffcore.method import Logs
-from diffcore.methods.diffusion import DiffusionMethod, to_device
+from diffcore.methods.diffusion import DiffusionMethod
 from diffcore.sampling import lcm_scalings, to_x0_eps
 from diffcore_distill.config import ConsistencyConfig
 from diffcore_distill.focus import check_focus, focused
@@ -117,18 +117,12 @@ class ConsistencyDistillation(DiffusionMethod):
         model, device, c = ctx.model, ctx.device, self.config
         rand = ctx.step_random
         assert rand is not None, "the loop sets ctx.step_random before every micro-step"
-        if "latents" in batch:
-            latents = batch["latents"].to(device=device, dtype=torch.float32)
-        else:
-            latents = model.encode_images(batch["pixels"].to(device)).float()
+        latents = self.clean_latents(ctx, batch)
         b = latents.shape[0]
-        if "cond" in batch:
-            cond = model.complete_conditions(to_device(batch["cond"], device), batch)
-        else:
-            cond = model.encode_conditions(batch)
+        cond = self.conditions(ctx, batch)
         noise = rand.randn(tuple(latents.shape)).to(device)
         starts, ends = self.grid(ctx, model.sequence_length(latents))
-        index = rand.call(lambda m, g: torch.randint(0, len(starts), (m,), generator=g, device=g.device), b).cpu()
+        index = rand.randint(len(starts), b)
         if c.focus > 0:
             near = self.focus_intervals(ctx, starts, model.sequence_length(latents))
             index = focused(rand, b, c.focus, near, index)
