@@ -24,7 +24,7 @@ class StepRandom:
     """The random draws of one micro-step, made for the global batch and sliced for this rank.
 
     Draws happen on a CPU generator (identical on every device); callers move the results.
-    ``randn((b, ...))`` and ``rand(b)`` take this rank's batch size; ``call(fn, b)`` runs any sampler
+    ``randn((b, ...))``, ``rand(b)`` and ``randint(high, b)`` take this rank's batch size; ``call(fn, b)`` runs any sampler
     ``fn(global_n, generator)`` once for the global batch.
     """
 
@@ -43,6 +43,10 @@ class StepRandom:
 
     def rand(self, local_n: int) -> torch.Tensor:
         return self._slice(torch.rand(local_n * self.world_size, generator=self.generator), local_n)
+
+    def randint(self, high: int, local_n: int) -> torch.Tensor:
+        """Indices in [0, high), uniformly (the same draws as ``call`` with ``torch.randint``)."""
+        return self._slice(torch.randint(0, high, (local_n * self.world_size,), generator=self.generator), local_n)
 
     def call(self, fn: Callable[[int, torch.Generator], torch.Tensor], local_n: int) -> torch.Tensor:
         """``fn(global_n, generator)`` drawn once for the global batch, this rank's slice returned."""

@@ -22,5 +22,5 @@ def check_focus(config: Any, where: str, problems: list[Problem]) -> None:
 def focused(rand: StepRandom, n: int, share: float, choices: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
     """``drawn`` (n values on the host) with each replaced, at probability ``share``, by one of
     ``choices`` drawn uniformly; two draws from ``rand`` in a fixed order, so resume stays exact."""
-    pick = rand.call(lambda m, g: torch.randint(0, len(choices), (m,), generator=g, device=g.device), n).cpu()
+    pick = rand.randint(len(choices), n)
     return torch.where(rand.rand(n).cpu() < share, choices[pick], drawn.cpu())

@@ -138,7 +138,7 @@ class ReflowMethod(DiffusionMethod):
         """b pairs drawn from the step's random stream: (noise, sample, conditioning batch)."""
         assert self.pairs is not None and ctx.step_random is not None
         pairs = self.pairs
-        index = ctx.step_random.call(lambda m, g: torch.randint(0, len(pairs), (m,), generator=g, device=g.device), b).cpu()
+        index = ctx.step_random.randint(len(pairs), b)
         batch: dict[str, Any] = {}
         if pairs.labels is not None:
             batch["labels"] = pairs.labels[index]
