@@ -62,7 +62,8 @@ class ReflowConfig(DistillConfig):
     ``cache_dir`` as safetensors shards of ``shard_size`` pairs with a ``manifest.json``; pair i
     takes the conditioning (class or caption) of dataset example i mod len(dataset) and the noise of
     seed (job seed, i). A shard is written atomically when complete, so an interrupted run (or
-    ``--resume``) generates only the missing shards; a cache made with other settings is refused.
+    ``--resume``) generates only the missing shards; a cache made with other settings is refused,
+    but one of another ``pairs`` count is adopted, keeping the shards the two counts share.
     """
 
     pairs: int = 1024

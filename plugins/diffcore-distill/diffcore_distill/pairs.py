@@ -5,6 +5,7 @@ seed, count, shard size); shard s (``pairs-<s>.safetensors``: ``noise``, ``sampl
 and/or the captions in its header) holds pairs s * shard_size onwards and is written atomically
 when complete, so its presence is its completeness: an interrupted generation resumes at the first
 missing shard, and ranks split the shards (s mod world_size) without coordinating beyond a barrier.
+A cache that differs only in its pair count is adopted: the shards the two counts share are kept.
 """
 
 from __future__ import annotations
@@ -63,9 +64,14 @@ class PairCache:
         from other settings), or write it (``write``: the main rank)."""
         path = self.folder / MANIFEST
         if path.is_file():
-            found = json.loads(path.read_text()).get("spec")
-            if found != self.spec:
-                changed = sorted(k for k in set(found or {}) | set(self.spec) if (found or {}).get(k) != self.spec.get(k))
+            found = json.loads(path.read_text()).get("spec") or {}
+            changed = sorted(k for k in set(found) | set(self.spec) if found.get(k) != self.spec.get(k))
+            if changed == ["pairs"]:
+                # pair i depends on the seed and i alone, so another count keeps the shards it shares
+                if write:
+                    self.resize()
+                return
+            if changed:
                 raise UserError(
                     f"the reflow pair cache {self.folder} was generated with other settings ({', '.join(changed)})",
                     where=self.where,
@@ -74,9 +80,27 @@ class PairCache:
             return
         if write:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"format": FORMAT, "spec": self.spec, "shards": self.shards}, indent=2))
-            tmp.replace(path)
+            self.write_manifest()
+
+    def write_manifest(self) -> None:
+        path = self.folder / MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "spec": self.spec, "shards": self.shards}, indent=2))
+        tmp.replace(path)
+
+    def resize(self) -> None:
+        """Adopt a cache made for another pair count: a shard whose pairs are not exactly this count's
+        shard of the same number is deleted (made again by :meth:`fill`), before the manifest is
+        rewritten, so an interruption between the two leaves a cache that either count can resume."""
+        from safetensors import safe_open
+
+        for shard in sorted(self.folder.glob("pairs-*.safetensors")):
+            s = int(shard.stem.split("-")[1])
+            with safe_open(str(shard), framework="pt") as f:
+                recorded = (f.metadata() or {}).get("diffcore_distill.pairs")
+            if s >= self.shards or recorded != "{}:{}".format(*self.bounds(s)):
+                shard.unlink()
+        self.write_manifest()
 
     def missing(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """This rank's shards not yet on disk."""

@@ -284,10 +284,33 @@ def test_pair_cache_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
 
 def test_pair_cache_from_other_settings_is_refused(tmp_path: Path) -> None:
     make_cache(tmp_path / "c").prepare(write=True)
-    with pytest.raises(UserError, match=r"other settings \(pairs\)") as info:
-        make_cache(tmp_path / "c", pairs=7).prepare(write=False)
+    with pytest.raises(UserError, match=r"other settings \(pairs, teacher\)") as info:
+        make_cache(tmp_path / "c", pairs=7, teacher="other.safetensors").prepare(write=True)
     assert info.value.where == "$.method.cache_dir"
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["spec"]["pairs"] == 5
+
+
+@pytest.mark.parametrize(("count", "made"), [(9, [(4, 6), (6, 8), (8, 9)]), (3, [(2, 3)]), (4, [])])
+def test_pair_cache_of_another_count_keeps_the_shards_it_shares(tmp_path: Path, count: int, made: list) -> None:
+    """5 pairs in shards of 2 are [0, 2), [2, 4), [4, 5). Another count keeps a shard whose pairs are
+    its own shard's and makes the rest; the result is what a new cache of that count holds."""
+    first = make_cache(tmp_path / "c")
+    first.prepare(write=True)
+    first.fill(fake_shard)
+    other = make_cache(tmp_path / "c", pairs=count)
+    other.prepare(write=False)  # another rank: leaves the main rank's cache as it is
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["spec"]["pairs"] == 5
+    other.prepare(write=True)
+    calls: list[tuple[int, int]] = []
+    other.fill(lambda a, b: calls.append((a, b)) or fake_shard(a, b))
+    assert calls == made
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["spec"]["pairs"] == count
+    fresh = make_cache(tmp_path / "fresh", pairs=count)
+    fresh.prepare(write=True)
+    fresh.fill(fake_shard)
+    got, want = make_cache(tmp_path / "c", pairs=count).load(), fresh.load()
+    assert torch.equal(got.noise, want.noise) and got.captions == want.captions
+    assert sorted(p.name for p in (tmp_path / "c").glob("pairs-*")) == sorted(p.name for p in (tmp_path / "fresh").glob("pairs-*"))
 
 
 # -- whole runs: exact resume ---------------------------------------------------------------------
