@@ -24,8 +24,8 @@ class StepRandom:
     """The random draws of one micro-step, made for the global batch and sliced for this rank.
 
     Draws happen on a CPU generator (identical on every device); callers move the results.
-    ``randn((b, ...))``, ``rand(b)`` and ``randint(high, b)`` take this rank's batch size; ``call(fn, b)`` runs any sampler
-    ``fn(global_n, generator)`` once for the global batch.
+    ``randn((b, ...))``, ``rand(b)`` and ``randint(high, b)`` take this rank's batch size;
+    ``call(fn, b)`` runs any sampler ``fn(global_n, generator)`` once for the global batch.
     """
 
     def __init__(self, seed: int, micro_step: int, rank: int = 0, world_size: int = 1):

@@ -61,7 +61,8 @@ class PairCache:
 
     def prepare(self, write: bool) -> None:
         """Check an existing manifest against the spec (a mismatch is a UserError: those pairs came
-        from other settings), or write it (``write``: the main rank)."""
+        from other settings; another pair count alone is adopted by the main rank, see
+        :meth:`resize`), or write it (``write``: the main rank)."""
         path = self.folder / MANIFEST
         if path.is_file():
             found = json.loads(path.read_text()).get("spec") or {}
