@@ -4,7 +4,7 @@ The teacher is the quickstart job (examples/quickstart.yaml: a class-conditional
 synthetic shapes), trained here or taken from a finished run (``--teacher-run``). From its EMA
 weights the script distils, each a ``diffcore run`` of a job it writes (full finetunes that start from
 the teacher, their scheduler spacing sigmas 1 to 1/steps, so 2 steps are 1 -> 0.5 -> 0):
-  - ``reflow``: pairs from the teacher's ODE (20 Euler steps, guidance 4.5, its best ODE samples),
+  - ``reflow``: pairs from the teacher's ODE (20 Euler steps, guidance 4.5; 2.5 to 8 did no better),
     half the training times at the 2- and 4-step levels (``focus``);
   - ``consistency``: consistency distillation with the teacher's guided Euler step (guidance 4.5).
 Each model is scored as the quickstart's class_agreement callback scores it (seed 1234): class
@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIR_GUIDANCE = 4.5  # the guidance of the teacher's Euler ODE that makes reflow's pairs (its best ODE samples)
+PAIR_GUIDANCE = 4.5  # the guidance of the teacher's Euler ODE that makes reflow's pairs (2.5 to 8: no better)
 
 
 def parse() -> argparse.Namespace:
