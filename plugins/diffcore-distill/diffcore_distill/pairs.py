@@ -59,6 +59,10 @@ class PairCache:
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.shard_size, min((s + 1) * self.shard_size, self.count)
 
+    def range_tag(self, s: int) -> str:
+        """Shard s's pairs as its header records them ("start:stop")."""
+        return "{}:{}".format(*self.bounds(s))
+
     def prepare(self, write: bool) -> None:
         """Check an existing manifest against the spec (a mismatch is a UserError: those pairs came
         from other settings; another pair count alone is adopted by the main rank, see
@@ -99,7 +103,7 @@ class PairCache:
             s = int(shard.stem.split("-")[1])
             with safe_open(str(shard), framework="pt") as f:
                 recorded = (f.metadata() or {}).get("diffcore_distill.pairs")
-            if s >= self.shards or recorded != "{}:{}".format(*self.bounds(s)):
+            if s >= self.shards or recorded != self.range_tag(s):
                 shard.unlink()
         self.write_manifest()
 
@@ -113,7 +117,7 @@ class PairCache:
         for n, s in enumerate(todo):
             start, stop = self.bounds(s)
             tensors, captions = make(start, stop)
-            meta = {"diffcore_distill.pairs": f"{start}:{stop}"}
+            meta = {"diffcore_distill.pairs": self.range_tag(s)}
             if captions is not None:
                 meta["captions"] = json.dumps(captions)
             save_safetensors(tensors, self.shard_path(s), metadata=meta)
